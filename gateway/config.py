@@ -1,0 +1,20 @@
+"""A gateway process's settings, filled in by the command line."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
+    nats_url: str
+    database_url: str
+    gateway_id: str
+    bind: str = "127.0.0.1"
+    http_port: int = 8080
+    grpc_port: int = 9090
+    request_timeout: float = 30.0
+    """Seconds a command may take when the client sets no deadline of its own."""
+    probe_timeout: float = 2.0
+    """Seconds readiness waits for each worker kind to answer its ping."""
+    stream_replicas: int = 1
+    log_level: str = "info"

@@ -1,0 +1,198 @@
+"""The gRPC front door: `gpuproxy.GPUProxyService`.
+
+Every method converts protobuf to a bus command in `gateway.convert`, sends it through the
+`CommandCaller`, and maps any `GpuproxyError` to a status through `gateway.errors`. Methods
+whose worker side is not in this version answer UNIMPLEMENTED and say what is missing.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar, cast
+
+import grpc
+
+from bus.caller import CommandCaller
+from gateway import convert, validation
+from gateway.config import GatewayConfig
+from gateway.errors import grpc_status
+from gateway.health import Health
+from gateway.pb import gpuproxy_pb2 as pb
+from gateway.pb import gpuproxy_pb2_grpc as pb_grpc
+from schemas.errors import GpuproxyError, Unimplemented
+from schemas.replies import Pong
+
+Context = grpc.aio.ServicerContext[Any, Any]
+P = ParamSpec("P")
+R = TypeVar("R")
+
+IDEMPOTENCY_KEY = "idempotency-key"
+
+ACCOUNTS = "accounts and access (users, JWT, API keys)"
+PROVISIONING = "GPU provisioning (the provisioner worker's providers and instances)"
+INFERENCE = "the inference data plane (the proxy worker)"
+BILLING = "billing (the billing worker's ledger, payments and spending windows)"
+CUIC = "CUIC messaging over the inference data plane"
+
+
+def answers_errors(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Turn a raised `GpuproxyError` into the matching gRPC status and message."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except GpuproxyError as exc:
+            # grpc calls a servicer method as (self, request, context).
+            context = cast(Context, args[2])
+            code, message = grpc_status(exc)
+            await context.abort(code, message)
+
+    return wrapper
+
+
+def _missing(rpc: str, feature: str) -> Unimplemented:
+    return Unimplemented(f"{rpc} needs {feature}, which this version of gpuproxy does not serve")
+
+
+async def _refuse(context: Context, error: GpuproxyError) -> None:
+    code, message = grpc_status(error)
+    await context.abort(code, message)
+
+
+class GPUProxyService(pb_grpc.GPUProxyServiceServicer):
+    def __init__(self, caller: CommandCaller, health: Health, config: GatewayConfig) -> None:
+        self._caller = caller
+        self._health = health
+        self._config = config
+
+    def _timeout(self, context: Context) -> float:
+        # None when the client set no deadline, whatever the stubs say.
+        remaining: float | None = context.time_remaining()
+        if remaining is None:
+            return self._config.request_timeout
+        return max(min(remaining, self._config.request_timeout), 0.001)
+
+    @staticmethod
+    def _idempotency_key(context: Context) -> str | None:
+        for key, value in context.invocation_metadata() or ():
+            if key == IDEMPOTENCY_KEY:
+                return str(value)
+        return None
+
+    @answers_errors
+    async def HealthCheck(
+        self, request: pb.HealthCheckRequest, context: Context
+    ) -> pb.HealthCheckResponse:
+        return convert.health_to_proto(await self._health.report())
+
+    @answers_errors
+    async def Ping(self, request: pb.PingRequest, context: Context) -> pb.PingResponse:
+        command_id = validation.command_id(self._idempotency_key(context), field=IDEMPOTENCY_KEY)
+        kind, command = convert.ping_from_proto(request, command_id=command_id)
+        reply = await self._caller.call(kind, command, timeout=self._timeout(context))
+        assert isinstance(reply, Pong)
+        return convert.pong_to_proto(reply)
+
+    # --- answered by later parts of the system -------------------------------------------
+
+    @answers_errors
+    async def Login(self, request: pb.LoginRequest, context: Context) -> pb.LoginResponse:
+        raise _missing("Login", ACCOUNTS)
+
+    @answers_errors
+    async def CreateAPIKey(
+        self, request: pb.CreateAPIKeyRequest, context: Context
+    ) -> pb.CreateAPIKeyResponse:
+        raise _missing("CreateAPIKey", ACCOUNTS)
+
+    @answers_errors
+    async def ListGPUInstances(
+        self, request: pb.ListGPUInstancesRequest, context: Context
+    ) -> pb.ListGPUInstancesResponse:
+        raise _missing("ListGPUInstances", PROVISIONING)
+
+    @answers_errors
+    async def CreateGPUInstance(
+        self, request: pb.CreateGPUInstanceRequest, context: Context
+    ) -> pb.CreateGPUInstanceResponse:
+        raise _missing("CreateGPUInstance", PROVISIONING)
+
+    @answers_errors
+    async def DestroyGPUInstance(
+        self, request: pb.DestroyGPUInstanceRequest, context: Context
+    ) -> pb.DestroyGPUInstanceResponse:
+        raise _missing("DestroyGPUInstance", PROVISIONING)
+
+    @answers_errors
+    async def GetGPUInstance(
+        self, request: pb.GetGPUInstanceRequest, context: Context
+    ) -> pb.GetGPUInstanceResponse:
+        raise _missing("GetGPUInstance", PROVISIONING)
+
+    @answers_errors
+    async def ReserveGPUs(
+        self, request: pb.ReserveGPUsRequest, context: Context
+    ) -> pb.ReserveGPUsResponse:
+        raise _missing("ReserveGPUs", PROVISIONING)
+
+    @answers_errors
+    async def ProxyRequest(
+        self, request: pb.ProxyRequestMessage, context: Context
+    ) -> pb.ProxyResponse:
+        raise _missing("ProxyRequest", INFERENCE)
+
+    # A coroutine, not a generator: grpc.aio then lets it answer through `context` alone.
+    async def StreamProxyRequest(  # type: ignore[override]
+        self, request_iterator: Any, context: Context
+    ) -> None:
+        await _refuse(context, _missing("StreamProxyRequest", INFERENCE))
+
+    @answers_errors
+    async def SetLoadBalancerStrategy(
+        self, request: pb.SetLoadBalancerStrategyRequest, context: Context
+    ) -> pb.SetLoadBalancerStrategyResponse:
+        raise _missing("SetLoadBalancerStrategy", INFERENCE)
+
+    @answers_errors
+    async def GetLoadInfo(
+        self, request: pb.GetLoadInfoRequest, context: Context
+    ) -> pb.GetLoadInfoResponse:
+        raise _missing("GetLoadInfo", INFERENCE)
+
+    @answers_errors
+    async def CreatePayment(
+        self, request: pb.CreatePaymentRequest, context: Context
+    ) -> pb.CreatePaymentResponse:
+        raise _missing("CreatePayment", BILLING)
+
+    @answers_errors
+    async def GetTransactions(
+        self, request: pb.GetTransactionsRequest, context: Context
+    ) -> pb.GetTransactionsResponse:
+        raise _missing("GetTransactions", BILLING)
+
+    @answers_errors
+    async def GetSpendingInfo(
+        self, request: pb.GetSpendingInfoRequest, context: Context
+    ) -> pb.GetSpendingInfoResponse:
+        raise _missing("GetSpendingInfo", BILLING)
+
+    @answers_errors
+    async def CheckSpendingLimit(
+        self, request: pb.CheckSpendingLimitRequest, context: Context
+    ) -> pb.CheckSpendingLimitResponse:
+        raise _missing("CheckSpendingLimit", BILLING)
+
+    @answers_errors
+    async def SendCUICMessage(
+        self, request: pb.CUICMessageRequest, context: Context
+    ) -> pb.CUICMessageResponse:
+        raise _missing("SendCUICMessage", CUIC)
+
+    # A coroutine, not a generator: grpc.aio then lets it answer through `context` alone.
+    async def StreamCUICMessage(  # type: ignore[override]
+        self, request_iterator: Any, context: Context
+    ) -> None:
+        await _refuse(context, _missing("StreamCUICMessage", CUIC))

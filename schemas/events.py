@@ -1,0 +1,48 @@
+"""Events: facts in past tense, published on `gpuproxy.evt.<tag>` into the replayable log."""
+
+from __future__ import annotations
+
+import msgspec
+
+from schemas import SCHEMA_VERSION, subjects
+from schemas.errors import ErrorInfo
+
+
+class EventBase(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    event_id: str
+    """Unique; also the `Nats-Msg-Id`, so a republished event is stored once."""
+    occurred_at_ms: int
+    actor: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+
+class WorkerStarted(EventBase, frozen=True, kw_only=True, tag="worker.started"):
+    worker_kind: str
+    worker_id: str
+    host: str
+    pid: int
+
+
+class WorkerStopped(EventBase, frozen=True, kw_only=True, tag="worker.stopped"):
+    worker_kind: str
+    worker_id: str
+    in_flight_abandoned: int
+    """Commands still running at stop; JetStream delivers them again to another replica."""
+
+
+class CommandDeadLettered(EventBase, frozen=True, kw_only=True, tag="command.dead_lettered"):
+    """A command was given up on: rejected by its handler or out of delivery attempts."""
+
+    command_id: str
+    subject: str
+    deliveries: int
+    error: ErrorInfo
+
+
+Event = WorkerStarted | WorkerStopped | CommandDeadLettered
+
+
+def subject_of(event: EventBase) -> str:
+    tag = type(event).__struct_config__.tag
+    assert isinstance(tag, str)
+    return f"{subjects.EVENTS}.{tag}"

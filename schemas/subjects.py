@@ -1,0 +1,63 @@
+"""Subject names on the bus.
+
+Commands: `gpuproxy.cmd.<worker kind>.<command>` (JetStream, durable per worker kind).
+Events: `gpuproxy.evt.<aggregate>.<fact in past tense>` (JetStream, replayable log).
+Replies: `gpuproxy.reply.<gateway id>.<call token>` (core NATS, one subscription per gateway).
+Control: `gpuproxy.ctl.cancel.<worker kind>` (core NATS, every replica of the kind listens).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+
+PREFIX = "gpuproxy"
+COMMANDS = f"{PREFIX}.cmd"
+EVENTS = f"{PREFIX}.evt"
+REPLIES = f"{PREFIX}.reply"
+CONTROL = f"{PREFIX}.ctl"
+
+
+class WorkerKind(enum.StrEnum):
+    """The kinds of worker; each consumes `gpuproxy.cmd.<kind>.>` on its own durable consumer."""
+
+    PROVISIONER = "provisioner"
+    PROXY = "proxy"
+    BILLING = "billing"
+
+
+TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+"""What may stand in one subject token that a caller chose (ids, names)."""
+
+
+def command(kind: WorkerKind, name: str) -> str:
+    return f"{COMMANDS}.{kind}.{name}"
+
+
+def commands_of(kind: WorkerKind) -> str:
+    """The filter of a worker kind's durable consumer."""
+    return f"{COMMANDS}.{kind}.>"
+
+
+def event(aggregate: str, fact: str) -> str:
+    return f"{EVENTS}.{aggregate}.{fact}"
+
+
+def replies_to(gateway_id: str) -> str:
+    """The one wildcard subscription a gateway routes every reply through."""
+    return f"{REPLIES}.{gateway_id}.*"
+
+
+def reply(gateway_id: str, token: str) -> str:
+    return f"{REPLIES}.{gateway_id}.{token}"
+
+
+def cancel(kind: WorkerKind) -> str:
+    return f"{CONTROL}.cancel.{kind}"
+
+
+# Headers a command carries besides `Nats-Msg-Id`.
+HEADER_MSG_ID = "Nats-Msg-Id"
+HEADER_REPLY = "Gpuproxy-Reply"
+HEADER_DEADLINE = "Gpuproxy-Deadline"
+"""Unix time in milliseconds after which nobody waits for the answer any more."""

@@ -1,0 +1,91 @@
+"""Streams, consumers and KV buckets, declared as data.
+
+The bus plumbing turns these into JetStream calls at start; they are idempotent, so every
+process declares what it needs and the first one to start creates it.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from schemas import subjects
+from schemas.subjects import WorkerKind
+
+
+class StreamSpec(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    subjects: tuple[str, ...]
+    retention: str
+    """`workqueue` (a message is gone once a consumer acks it) or `limits` (kept by age)."""
+    max_age_seconds: float
+    duplicate_window_seconds: float
+    replicas: int = 1
+
+
+class ConsumerSpec(msgspec.Struct, frozen=True, kw_only=True):
+    stream: str
+    durable: str
+    filter_subject: str
+    ack_wait_seconds: float
+    max_deliver: int
+    max_ack_pending: int
+
+
+class KeyValueSpec(msgspec.Struct, frozen=True, kw_only=True):
+    bucket: str
+    ttl_seconds: float
+    history: int = 1
+    replicas: int = 1
+
+
+COMMAND_STREAM = "GPUPROXY_CMD"
+EVENT_STREAM = "GPUPROXY_EVT"
+RESULTS_BUCKET = "gpuproxy-results"
+"""Terminal answers by command id: a redelivered or repeated command is answered from here
+instead of being carried out twice."""
+
+DEDUPE_WINDOW_SECONDS = 600.0
+"""How long the same command id (idempotency key) is recognised as a repeat."""
+
+
+def command_stream(replicas: int = 1) -> StreamSpec:
+    return StreamSpec(
+        name=COMMAND_STREAM,
+        subjects=(f"{subjects.COMMANDS}.>",),
+        retention="workqueue",
+        max_age_seconds=24 * 3600.0,
+        duplicate_window_seconds=DEDUPE_WINDOW_SECONDS,
+        replicas=replicas,
+    )
+
+
+def event_stream(replicas: int = 1) -> StreamSpec:
+    return StreamSpec(
+        name=EVENT_STREAM,
+        subjects=(f"{subjects.EVENTS}.>",),
+        retention="limits",
+        max_age_seconds=365 * 24 * 3600.0,
+        duplicate_window_seconds=DEDUPE_WINDOW_SECONDS,
+        replicas=replicas,
+    )
+
+
+def command_consumer(
+    kind: WorkerKind, *, ack_wait_seconds: float = 30.0, max_deliver: int = 5
+) -> ConsumerSpec:
+    return ConsumerSpec(
+        stream=COMMAND_STREAM,
+        durable=str(kind),
+        filter_subject=subjects.commands_of(kind),
+        ack_wait_seconds=ack_wait_seconds,
+        max_deliver=max_deliver,
+        max_ack_pending=4096,
+    )
+
+
+def results_bucket(replicas: int = 1) -> KeyValueSpec:
+    # Kept at least as long as the dedupe window, so a repeat that JetStream drops as a
+    # duplicate still finds its answer.
+    return KeyValueSpec(
+        bucket=RESULTS_BUCKET, ttl_seconds=DEDUPE_WINDOW_SECONDS * 2, replicas=replicas
+    )

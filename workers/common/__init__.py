@@ -1,0 +1,1 @@
+"""What every worker kind shares: the application shell and the ping handler."""
