@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
@@ -33,14 +34,26 @@ def _json(status: int, body: Any) -> Response:
     return Response(msgspec.json.encode(body), status_code=status, media_type="application/json")
 
 
+_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+_UNKNOWN = re.compile(r"unknown field `([^`]+)`")
+
+
+def _field_of(text: str) -> tuple[str, str]:
+    """Split msgspec's "Expected `int`, got `str` - at `$.delay_ms`" into message and field."""
+    path = _PATH.search(text)
+    message = text[: path.start()] if path else text
+    field = path.group(1) if path else ""
+    if unknown := _UNKNOWN.search(message):
+        field = ".".join(p for p in (field, unknown.group(1)) if p)
+    return message, field
+
+
 def _decode(raw: bytes, type_: type[Any]) -> Any:
     try:
         return msgspec.json.decode(raw or b"{}", type=type_)
     except msgspec.ValidationError as exc:
-        # msgspec says "Expected `int`, got `str` - at `$.delay_ms`": lift the path out.
-        text = str(exc)
-        field = text.rsplit("at `$.", 1)[1].rstrip("`") if "at `$." in text else ""
-        raise InvalidArgument(text.split(" - at ")[0], field=field) from None
+        message, field = _field_of(str(exc))
+        raise InvalidArgument(message, field=field) from None
     except msgspec.DecodeError:
         raise InvalidArgument("the body is not valid JSON", field="body") from None
 

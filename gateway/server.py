@@ -40,11 +40,20 @@ class _HttpServer(uvicorn.Server):
         yield
 
 
-async def serve(config: GatewayConfig, stop: asyncio.Event | None = None) -> None:
+async def serve(
+    config: GatewayConfig,
+    stop: asyncio.Event | None = None,
+    *,
+    ready: asyncio.Event | None = None,
+    handle_signals: bool = True,
+) -> None:
+    """Serve until `stop` is set (or SIGINT/SIGTERM when `handle_signals`); `ready` is set
+    once both front doors listen."""
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    if handle_signals:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
 
     nc = await connect(config.nats_url, name=config.gateway_id)
     caller = CommandCaller(nc, gateway_id=config.gateway_id, stream_replicas=config.stream_replicas)
@@ -77,8 +86,13 @@ async def serve(config: GatewayConfig, stop: asyncio.Event | None = None) -> Non
         )
     )
     http_task = asyncio.create_task(http.serve(), name="http")
+    # uvicorn has no "started" event to await; its flag flips once the socket listens.
+    while not http.started and not http_task.done():  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if ready is not None:
+        ready.set()
     log.info(
         "gateway %s serving gRPC on %s and HTTP on %s:%d",
         config.gateway_id,

@@ -23,6 +23,17 @@ _LISTENING = re.compile(r"Listening for client connections on (\S+):(\d+)")
 _READY = "Server is ready"
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel stops the server when the process that started it dies, even by
+    SIGKILL, so a killed supervisor leaves no nats-server behind."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def find_binary() -> str:
     scripts = sysconfig.get_path("scripts")
     for where in (scripts, str(Path(sys.executable).parent), None):
@@ -97,6 +108,7 @@ class NatsServer:
             # Own process group: a Ctrl-C at the terminal reaches the supervisor, which stops
             # the server last, after the workers have drained.
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         threading.Thread(target=self._read_log, name="nats-server-log", daemon=True).start()
         if not self._ready.wait(timeout) or not self._bound_port:

@@ -1,0 +1,69 @@
+"""`gpuproxy up` as a user runs it: everything starts, answers, and stops without leftovers."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from gateway.pb import gpuproxy_pb2 as pb
+from gateway.pb import gpuproxy_pb2_grpc as pb_grpc
+from tests.conftest import free_port
+from tests.e2e.processes import alive, children_of, gpuproxy, gpuproxy_env, wait_serving
+
+pytestmark = pytest.mark.slow
+
+
+def healthy(stub: pb_grpc.GPUProxyServiceStub, timeout: float = 30) -> pb.HealthCheckResponse:
+    deadline = time.monotonic() + timeout
+    while True:
+        answer: pb.HealthCheckResponse = stub.HealthCheck(pb.HealthCheckRequest(), timeout=5)
+        if answer.status == "healthy" or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.2)
+
+
+def start_up(tmp_path: Path) -> tuple[dict[str, str], str]:
+    grpc_port = free_port()
+    env = gpuproxy_env(tmp_path, SERVER_PORT=str(free_port()), GRPC_PORT=str(grpc_port))
+    return env, f"127.0.0.1:{grpc_port}"
+
+
+def test_up_serves_a_ping_through_jetstream_and_stops_everything_on_sigterm(
+    tmp_path: Path,
+) -> None:
+    env, target = start_up(tmp_path)
+    log = tmp_path / "up.log"
+    with gpuproxy(["up"], env, log) as up, grpc.insecure_channel(target) as channel:
+        wait_serving(target, up, log)
+        stub = pb_grpc.GPUProxyServiceStub(channel)
+        health = healthy(stub)
+        answer = stub.Ping(pb.PingRequest(message="first run", worker_kind="billing"), timeout=10)
+        family = children_of(up.pid)
+        up.send_signal(signal.SIGTERM)
+        code = up.wait(60)
+    assert health.status == "healthy", dict(health.details)
+    assert health.details["nats"] == health.details["database"] == "ok"
+    assert (answer.message, answer.worker_kind) == ("first run", "billing")
+    assert len(family) >= 5, "nats-server, gateway and three workers"
+    assert code == 0, log.read_text()
+    assert not alive(family)
+    assert (tmp_path / "data" / "gpuproxy.db").exists()
+    assert "nats-server stopped" in log.read_text()
+
+
+def test_a_supervisor_killed_outright_leaves_no_process_behind(tmp_path: Path) -> None:
+    env, target = start_up(tmp_path)
+    log = tmp_path / "up.log"
+    with gpuproxy(["up"], env, log) as up:
+        wait_serving(target, up, log)
+        family = children_of(up.pid)
+        up.kill()
+        up.wait()
+    deadline = time.monotonic() + 15
+    while alive(family) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(family), log.read_text()
