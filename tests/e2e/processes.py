@@ -17,12 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 def gpuproxy_env(tmp_path: Path, **settings: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "GPUPROXY_"))}
-    env.update(
-        GPUPROXY_DATA_DIR=str(tmp_path / "data"),
-        LOG_LEVEL="info",
-        PYTHONUNBUFFERED="1",
-        **settings,
-    )
+    env.update(GPUPROXY_DATA_DIR=str(tmp_path / "data"), LOG_LEVEL="info", PYTHONUNBUFFERED="1")
+    env.update(settings)
     return env
 
 
