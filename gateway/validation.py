@@ -14,7 +14,7 @@ def command_id(idempotency_key: str | None, *, field: str) -> str:
     """The client's idempotency key when it sent one, a fresh id otherwise."""
     if not idempotency_key:
         return uuid.uuid4().hex
-    if not subjects.TOKEN.match(idempotency_key):
+    if not subjects.TOKEN.fullmatch(idempotency_key):
         raise InvalidArgument(
             "must be 1 to 64 characters of letters, digits, '-' or '_'", field=field
         )

@@ -50,8 +50,13 @@ DEFAULTS: dict[str, str] = {
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+def _raw(env: Mapping[str, str], name: str) -> str:
+    """The variable's value; set but empty counts as unset, as for NATS_URL."""
+    return env.get(name, "").strip() or DEFAULTS[name]
+
+
 def _int(env: Mapping[str, str], name: str, low: int, high: int) -> int:
-    raw = env.get(name, DEFAULTS[name]).strip()
+    raw = _raw(env, name)
     try:
         value = int(raw)
     except ValueError:
@@ -62,7 +67,7 @@ def _int(env: Mapping[str, str], name: str, low: int, high: int) -> int:
 
 
 def _seconds(env: Mapping[str, str], name: str, low: float, high: float) -> float:
-    raw = env.get(name, DEFAULTS[name]).strip()
+    raw = _raw(env, name)
     try:
         value = float(raw)
     except ValueError:
@@ -155,5 +160,5 @@ def ensure_port_free(bind: str, port: int, field: str) -> None:
 
 def process_id(kind: str) -> str:
     """A name for one process, unique across hosts and restarts; safe in subject tokens."""
-    host = "".join(c if c.isalnum() else "-" for c in socket.gethostname())[:24]
+    host = "".join(c if c.isascii() and c.isalnum() else "-" for c in socket.gethostname())[:24]
     return f"{kind}-{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

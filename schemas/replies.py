@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
+from schemas import SCHEMA_VERSION
 from schemas.errors import ErrorInfo
 
 
@@ -28,6 +29,7 @@ class ChunkBase(msgspec.Struct, frozen=True, kw_only=True, tag_field="t"):
     command_id: str
     attempt: int
     seq: int
+    schema_version: int = SCHEMA_VERSION
 
 
 class Data(ChunkBase, frozen=True, kw_only=True, tag="data"):

@@ -26,8 +26,8 @@ class WorkerKind(enum.StrEnum):
     BILLING = "billing"
 
 
-TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-"""What may stand in one subject token that a caller chose (ids, names)."""
+TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+"""What may stand in one subject token that a caller chose (ids, names); use `fullmatch`."""
 
 
 def command(kind: WorkerKind, name: str) -> str:

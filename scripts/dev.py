@@ -34,7 +34,7 @@ def _fingerprint() -> str:
 
 
 def ensure_venv() -> None:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - this file runs before any check can
         sys.exit("gpuproxy needs Python 3.11 or newer; this is " + sys.version.split()[0])
     if STAMP.exists() and STAMP.read_text() == _fingerprint() and PYTHON.exists():
         return
