@@ -14,12 +14,28 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.conftest import free_port
+
 
 def gpuproxy_env(tmp_path: Path, **settings: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "GPUPROXY_"))}
     env.update(GPUPROXY_DATA_DIR=str(tmp_path / "data"), LOG_LEVEL="info", PYTHONUNBUFFERED="1")
     env.update(settings)
     return env
+
+
+def parts_env(tmp_path: Path, nats_url: str, **settings: str) -> tuple[dict[str, str], str]:
+    """Settings for gateway and worker processes on `nats_url`, and the gateway's gRPC target."""
+    grpc_port = free_port()
+    env = gpuproxy_env(
+        tmp_path,
+        NATS_URL=nats_url,
+        DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}",
+        SERVER_PORT=str(free_port()),
+        GRPC_PORT=str(grpc_port),
+        **settings,
+    )
+    return env, f"127.0.0.1:{grpc_port}"
 
 
 @contextmanager

@@ -13,8 +13,7 @@ import pytest
 
 from gateway.pb import gpuproxy_pb2 as pb
 from gateway.pb import gpuproxy_pb2_grpc as pb_grpc
-from tests.conftest import free_port
-from tests.e2e.processes import gpuproxy, gpuproxy_env, wait_serving
+from tests.e2e.processes import gpuproxy, parts_env, wait_serving
 from tests.e2e.test_worker_crash import first_answer
 
 pytestmark = pytest.mark.soak
@@ -25,18 +24,13 @@ SOAK_SECONDS = float(os.environ.get("GPUPROXY_SOAK_SECONDS", "120"))
 def test_every_call_is_answered_once_while_workers_keep_dying(
     nats_url: str, tmp_path: Path
 ) -> None:
-    grpc_port = free_port()
-    env = gpuproxy_env(
+    env, target = parts_env(
         tmp_path,
-        NATS_URL=nats_url,
-        DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}",
-        SERVER_PORT=str(free_port()),
-        GRPC_PORT=str(grpc_port),
+        nats_url,
         GPUPROXY_ACK_WAIT="1",
         GPUPROXY_MAX_DELIVER="100",
         LOG_LEVEL="warning",
     )
-    target = f"127.0.0.1:{grpc_port}"
     chaos = random.Random(7)
     with (
         gpuproxy(["gateway"], env, tmp_path / "gateway.log") as gateway,

@@ -14,8 +14,7 @@ from bus.connection import connect
 from gateway.pb import gpuproxy_pb2 as pb
 from gateway.pb import gpuproxy_pb2_grpc as pb_grpc
 from schemas import topology
-from tests.conftest import free_port
-from tests.e2e.processes import gpuproxy, gpuproxy_env, wait_serving
+from tests.e2e.processes import gpuproxy, parts_env, wait_serving
 
 pytestmark = pytest.mark.slow
 
@@ -47,16 +46,11 @@ def ack_pending(nats_url: str) -> int:
 def test_a_command_whose_worker_is_killed_is_redelivered_and_answered_once(
     nats_url: str, tmp_path: Path
 ) -> None:
-    grpc_port = free_port()
-    env = gpuproxy_env(
+    env, target = parts_env(
         tmp_path,
-        NATS_URL=nats_url,
-        DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}",
-        SERVER_PORT=str(free_port()),
-        GRPC_PORT=str(grpc_port),
+        nats_url,
         GPUPROXY_ACK_WAIT="1",
     )
-    target = f"127.0.0.1:{grpc_port}"
     key = (("idempotency-key", "survives-a-crash"),)
     with (
         gpuproxy(["gateway"], env, tmp_path / "gateway.log") as gateway,
@@ -90,16 +84,11 @@ def test_a_command_whose_worker_is_killed_is_redelivered_and_answered_once(
 
 
 def test_two_worker_processes_on_one_consumer_share_the_work(nats_url: str, tmp_path: Path) -> None:
-    grpc_port = free_port()
-    env = gpuproxy_env(
+    env, target = parts_env(
         tmp_path,
-        NATS_URL=nats_url,
-        DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}",
-        SERVER_PORT=str(free_port()),
-        GRPC_PORT=str(grpc_port),
+        nats_url,
         GPUPROXY_WORKER_WINDOW="2",
     )
-    target = f"127.0.0.1:{grpc_port}"
     with (
         gpuproxy(["gateway"], env, tmp_path / "gateway.log") as gateway,
         gpuproxy(["worker", "provisioner"], env, tmp_path / "a.log"),
