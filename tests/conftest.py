@@ -1,11 +1,13 @@
 """Fixtures shared by the whole suite: real nats-server, real databases, free ports.
 
-By default every test that needs NATS gets its own nats-server (port 0, temporary store,
-readiness read from its log): it starts in tens of milliseconds and no two tests can see each
-other's streams. `--nats-url` runs the same tests against outside infrastructure instead,
-purging gpuproxy's streams and buckets before each test. PostgreSQL tests run against
-`--postgres-url` (default: the local server) and skip with the reason when it does not answer,
-unless GPUPROXY_REQUIRE_POSTGRES=1 (as CI sets) turns that skip into a failure.
+`session_nats_url` is one nats-server for the whole session, for tests that need a live
+server but none of gpuproxy's streams. Every test that touches streams gets its own
+nats-server instead (`nats_url`: port 0, temporary store, readiness read from its log): it
+starts in tens of milliseconds and no two tests can see each other's streams. `--nats-url`
+runs the same tests against outside infrastructure, purging gpuproxy's streams and buckets
+before each test. PostgreSQL tests run against `--postgres-url` (default: the local server)
+and skip with the reason when it does not answer, unless GPUPROXY_REQUIRE_POSTGRES=1 (as CI
+sets) turns that skip into a failure.
 """
 
 from __future__ import annotations
@@ -47,6 +49,23 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+@pytest.fixture(scope="session")
+def session_nats_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    outside = request.config.getoption("--nats-url")
+    if outside:
+        yield outside
+        return
+    folder = tmp_path_factory.mktemp("session-nats")
+    with (folder / "nats-server.log").open("w") as log:
+        server = NatsServer(folder / "jetstream", log_line=lambda line: print(line, file=log))
+        try:
+            yield server.start()
+        finally:
+            server.stop()
 
 
 @pytest.fixture

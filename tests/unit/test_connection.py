@@ -88,3 +88,15 @@ async def test_an_unreachable_nats_among_several_names_each_without_credentials(
     assert f"127.0.0.1:{first}" in caught.value.message
     assert f"127.0.0.1:{second}" in caught.value.message
     assert "s3cret" not in caught.value.message
+
+
+async def test_connect_reaches_a_live_server_and_names_the_client(session_nats_url: str) -> None:
+    client = await connect(session_nats_url, name="named-client")
+    try:
+        assert client.is_connected
+        assert client.options["name"] == "named-client"
+        info = await client.jetstream().account_info()
+        assert info.limits is not None
+    finally:
+        await client.close()
+    assert client.is_closed
