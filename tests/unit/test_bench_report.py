@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from bench.measure import WrongAnswer, expect
+from bench.measure import QUICK_PLAN, Plan, Session, WrongAnswer, expect
 from bench.report import ScenarioResult, build_report, compare, render
-from bench.scenarios import select
+from bench.runner import run_scenario
+from bench.scenarios import Scenario, select
 from bench.stats import (
     LatencySummary,
     ThroughputSummary,
@@ -41,7 +44,13 @@ def result(name: str, p50_ms: float, calls_per_s: float) -> ScenarioResult:
             max_ms=p50_ms,
         ),
         throughput=ThroughputSummary(
-            calls=1, concurrency=32, seconds=1.0, calls_per_s=calls_per_s, p50_ms=1.0, p99_ms=1.0
+            calls=1,
+            concurrency=32,
+            seconds=1.0,
+            calls_per_s=calls_per_s,
+            round_rates=(calls_per_s,),
+            p50_ms=1.0,
+            p99_ms=1.0,
         ),
     )
 
@@ -72,11 +81,20 @@ def test_latency_summary_is_in_milliseconds() -> None:
     assert summary.max_ms == pytest.approx(10.0)
 
 
-def test_throughput_is_calls_over_wall_time() -> None:
-    summary = summarize_throughput(2.0, [0.01] * 5000, concurrency=32)
-    assert summary.calls_per_s == pytest.approx(2500.0)
+def test_throughput_is_the_median_round_rate_of_calls_over_wall_time() -> None:
+    rounds = [(1500, 1.0), (1500, 0.5), (1500, 3.0)]  # 1500, 3000 and 500 calls/s
+    summary = summarize_throughput(rounds, [0.01] * 4500, concurrency=32)
+    assert summary.calls_per_s == pytest.approx(1500.0)
+    assert summary.round_rates == pytest.approx((1500.0, 3000.0, 500.0))
+    assert summary.calls == 4500
+    assert summary.seconds == pytest.approx(4.5)
+
+
+def test_throughput_refuses_rounds_that_took_no_time() -> None:
     with pytest.raises(ValueError, match="some time"):
-        summarize_throughput(0.0, [0.01], concurrency=32)
+        summarize_throughput([(10, 0.0)], [0.01], concurrency=32)
+    with pytest.raises(ValueError, match="no throughput rounds"):
+        summarize_throughput([], [], concurrency=32)
 
 
 def test_ratio_is_ours_over_baseline_and_missing_when_a_side_is() -> None:
@@ -140,6 +158,37 @@ def test_a_wrong_answer_is_an_error_not_a_number() -> None:
     expect("bench-1", "bench-1")
     with pytest.raises(WrongAnswer, match="bench-2"):
         expect("bench-1", "bench-2")
+
+
+async def test_a_path_that_answers_wrongly_is_reported_failed_with_no_numbers() -> None:
+    @contextlib.asynccontextmanager
+    async def broken(workdir: Path, plan: Plan) -> AsyncIterator[Session]:
+        async def call(n: int) -> None:
+            expect(f"bench-{n}", "bench-fast-but-wrong")
+
+        yield Session(call)
+
+    scenario = Scenario("x1", "X1 broken", "answers with the wrong payload", broken)
+    found = await run_scenario(scenario, QUICK_PLAN, progress=False)
+    assert found.latency is None
+    assert found.throughput is None
+    assert found.error is not None
+    assert found.error.startswith("WrongAnswer: echo mismatch")
+
+
+async def test_a_path_that_breaks_under_load_names_the_cause_not_the_task_group() -> None:
+    @contextlib.asynccontextmanager
+    async def breaks_under_load(workdir: Path, plan: Plan) -> AsyncIterator[Session]:
+        async def call(n: int) -> None:
+            if n > plan.warmup + plan.latency_calls + 5:
+                expect(f"bench-{n}", "late")
+
+        yield Session(call)
+
+    scenario = Scenario("x2", "X2 fragile", "fails only at c=32", breaks_under_load)
+    found = await run_scenario(scenario, QUICK_PLAN, progress=False)
+    assert found.error is not None
+    assert found.error.startswith("WrongAnswer: echo mismatch")
 
 
 def test_only_selects_named_scenarios_in_run_order_and_refuses_unknown_ones() -> None:

@@ -1,0 +1,64 @@
+"""O2: the whole ping through gpuproxy, one process per part, driven over gRPC.
+
+nats-server, `gpuproxy worker provisioner` and `gpuproxy gateway` run as the deployment
+runs them; this process is only the client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from bench.grpc_client import ping_call, ping_stub, wait_until_answering
+from bench.measure import Plan, Session, this_process
+from bench.processes import child_env, child_process, free_port, nats_server
+
+KIND = "provisioner"
+STARTUP_SECONDS = 60.0
+"""Two Python processes importing gpuproxy on a busy two-core machine can take a while."""
+
+
+@contextlib.asynccontextmanager
+async def open_gpuproxy_e2e(workdir: Path, plan: Plan) -> AsyncIterator[Session]:
+    grpc_port = free_port()
+    with nats_server(workdir) as server:
+        url = server.url
+        env = child_env(
+            NATS_URL=url,
+            DATABASE_URL=f"sqlite+aiosqlite:///{workdir / 'b.db'}",
+            GPUPROXY_DATA_DIR=str(workdir),
+            GPUPROXY_BIND="127.0.0.1",
+            SERVER_PORT=str(free_port()),
+            GRPC_PORT=str(grpc_port),
+            LOG_LEVEL="warning",
+        )
+        gpuproxy = [sys.executable, "-m", "gpuproxy"]
+        worker_log = workdir / "worker.log"
+        gateway_log = workdir / "gateway.log"
+        # Entered in this order, left in the reverse: the gateway stops before the worker,
+        # and both before nats-server.
+        with (
+            child_process([*gpuproxy, "worker", KIND], env=env, log_path=worker_log) as worker,
+            child_process([*gpuproxy, "gateway"], env=env, log_path=gateway_log) as gateway,
+        ):
+            async with ping_stub(grpc_port) as stub:
+                await wait_until_answering(
+                    stub,
+                    worker_kind=KIND,
+                    within=STARTUP_SECONDS,
+                    watched={
+                        "gateway": (gateway, gateway_log),
+                        "worker": (worker, worker_log),
+                    },
+                )
+                yield Session(
+                    ping_call(stub, worker_kind=KIND, timeout=plan.call_timeout),
+                    {
+                        **this_process("bench: gRPC client"),
+                        "gateway": gateway.pid,
+                        "nats-server": server.pid,
+                        "worker": worker.pid,
+                    },
+                )
