@@ -1,14 +1,18 @@
 """Sending commands and receiving their replies: the gateway's side of the bus.
 
-One wildcard subscription per gateway carries every reply; each call waits on its own queue.
-A command whose id JetStream reports as a duplicate was sent before (a client retry with the
+One wildcard subscription per gateway carries every reply; each call has its own inbox. A
+command whose id JetStream reports as a duplicate was sent before (a client retry with the
 same idempotency key): its answer is read from the results bucket instead of waiting on a
 reply that will never come to this call.
+
+This is the gateway's hottest path, so it avoids a task per wait: an inbox is a deque and at
+most one future, woken by the reply subscription and expired by one timer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import time
@@ -18,6 +22,8 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
@@ -30,13 +36,85 @@ from schemas.errors import DeadlineExceeded, Internal, Unavailable, error_from_i
 from schemas.replies import Chunk, Data, Failure, Heartbeat, Outcome, Reply, Result
 
 
+class _PubAck(msgspec.Struct):
+    """JetStream's answer to a publish, decoded without nats-py's json.loads + dataclass."""
+
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: dict[str, object] | None = None
+
+
+_pub_ack = msgspec.json.Decoder(_PubAck)
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(DeadlineExceeded("no answer from a worker before the deadline"))
+
+
+class _Inbox:
+    """The chunks of one call, in arrival order, checked for attempt and sequence."""
+
+    __slots__ = ("_attempt", "_chunks", "_expected", "_waiter", "streamed")
+
+    def __init__(self) -> None:
+        self._chunks: collections.deque[Chunk] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._attempt = 0
+        self._expected = 0
+        self.streamed = False
+
+    def put(self, chunk: Chunk) -> None:
+        self._chunks.append(chunk)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def next(self, deadline: float) -> Data | Result | Failure:
+        """The next chunk that matters: heartbeats, repeats and superseded attempts skipped."""
+        while True:
+            while not self._chunks:
+                loop = asyncio.get_running_loop()
+                self._waiter = loop.create_future()
+                timer = loop.call_at(
+                    loop.time() + (deadline - time.monotonic()), _expire, self._waiter
+                )
+                try:
+                    await self._waiter
+                finally:
+                    timer.cancel()
+                    self._waiter = None
+            chunk = self._accept(self._chunks.popleft())
+            if chunk is not None:
+                return chunk
+
+    def _accept(self, chunk: Chunk) -> Data | Result | Failure | None:
+        if chunk.attempt != self._attempt:
+            if chunk.attempt < self._attempt:
+                return None  # a late chunk of an attempt already superseded
+            if self.streamed:
+                # Part of the answer is already with the client; a restart would repeat it.
+                raise Unavailable("the worker was lost mid-stream; the answer is incomplete")
+            self._attempt, self._expected = chunk.attempt, 0
+        if chunk.seq < self._expected:
+            return None
+        if chunk.seq > self._expected:
+            raise Internal("a reply chunk was lost on the way")
+        self._expected += 1
+        if isinstance(chunk, Heartbeat):
+            return None
+        if isinstance(chunk, Data):
+            self.streamed = True
+        return chunk
+
+
 class CommandCaller:
     def __init__(self, nc: Client, *, gateway_id: str, stream_replicas: int = 1) -> None:
         self._nc = nc
         self._js = nc.jetstream()
         self._gateway_id = gateway_id
         self._replicas = stream_replicas
-        self._calls: dict[str, asyncio.Queue[Chunk]] = {}
+        self._calls: dict[str, _Inbox] = {}
         self._tokens = itertools.count()
         self._decoder: Decoder[Chunk] = Decoder(Chunk)
         self._sub: Subscription | None = None
@@ -63,10 +141,24 @@ class CommandCaller:
         self, kind: subjects.WorkerKind, command: CommandBase, *, timeout: float
     ) -> Reply:
         """Send a command and return its result, or raise the error the worker answered."""
-        async for chunk in self.stream(kind, command, timeout=timeout):
-            if isinstance(chunk, Result):
-                return chunk.result
-        raise Internal("the reply ended without a result")
+        deadline = time.monotonic() + timeout
+        token, inbox = self._open()
+        finished = False
+        try:
+            outcome = await self._send(kind, command, token, deadline)
+            if outcome is not None:
+                finished = True
+                return _result_of(outcome)
+            while True:
+                chunk = await inbox.next(deadline)
+                if isinstance(chunk, Failure):
+                    finished = True
+                    raise error_from_info(chunk.error)
+                if isinstance(chunk, Result):
+                    finished = True
+                    return chunk.result
+        finally:
+            await self._close(token, kind, command.command_id, finished)
 
     async def stream(
         self, kind: subjects.WorkerKind, command: CommandBase, *, timeout: float
@@ -77,74 +169,69 @@ class CommandCaller:
         the end (the client went away) tells the worker to stop.
         """
         deadline = time.monotonic() + timeout
-        token = str(next(self._tokens))
-        queue: asyncio.Queue[Chunk] = asyncio.Queue()
-        self._calls[token] = queue
+        token, inbox = self._open()
         finished = False
         try:
-            headers = {
-                subjects.HEADER_MSG_ID: command.command_id,
-                subjects.HEADER_REPLY: subjects.reply(self._gateway_id, token),
-                subjects.HEADER_DEADLINE: str(int((time.time() + timeout) * 1000)),
-            }
-            try:
-                ack = await self._js.publish(
-                    subjects.command(kind, name_of(command)),
-                    encode(command),
-                    timeout=max(deadline - time.monotonic(), 0.001),
-                    headers=headers,
-                )
-            except TimeoutError:
-                raise Unavailable("the command bus did not accept the command in time") from None
-            if ack.duplicate:
-                outcome = await self._await_outcome(command.command_id, deadline)
+            outcome = await self._send(kind, command, token, deadline)
+            if outcome is not None:
                 finished = True
-                if outcome.error is not None:
-                    raise error_from_info(outcome.error)
-                assert outcome.result is not None
-                yield Result(command_id=command.command_id, attempt=0, seq=0, result=outcome.result)
+                yield Result(
+                    command_id=command.command_id, attempt=0, seq=0, result=_result_of(outcome)
+                )
                 return
-            async for chunk in self._chunks(queue, deadline):
+            while True:
+                chunk = await inbox.next(deadline)
                 if isinstance(chunk, Failure):
                     finished = True
                     raise error_from_info(chunk.error)
-                if isinstance(chunk, Result):
-                    finished = True
+                finished = isinstance(chunk, Result)
                 yield chunk
+                if finished:
+                    return
         finally:
-            del self._calls[token]
-            if not finished:
-                await self._cancel(kind, command.command_id)
+            await self._close(token, kind, command.command_id, finished)
 
-    async def _chunks(
-        self, queue: asyncio.Queue[Chunk], deadline: float
-    ) -> AsyncIterator[Data | Result | Failure]:
-        attempt, expected, streamed = 0, 0, False
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                chunk = await asyncio.wait_for(queue.get(), max(remaining, 0))
-            except TimeoutError:
-                raise DeadlineExceeded("no answer from a worker before the deadline") from None
-            if chunk.attempt != attempt:
-                if chunk.attempt < attempt:
-                    continue  # a late chunk of an attempt already superseded
-                if streamed:
-                    # Part of the answer is already with the client; a restart would repeat it.
-                    raise Unavailable("the worker was lost mid-stream; the answer is incomplete")
-                attempt, expected = chunk.attempt, 0
-            if chunk.seq < expected:
-                continue
-            if chunk.seq > expected:
-                raise Internal("a reply chunk was lost on the way")
-            expected += 1
-            if isinstance(chunk, Heartbeat):
-                continue
-            if isinstance(chunk, Data):
-                streamed = True
-            yield chunk
-            if not isinstance(chunk, Data):
-                return
+    def _open(self) -> tuple[str, _Inbox]:
+        token = str(next(self._tokens))
+        inbox = self._calls[token] = _Inbox()
+        return token, inbox
+
+    async def _close(
+        self, token: str, kind: subjects.WorkerKind, command_id: str, finished: bool
+    ) -> None:
+        del self._calls[token]
+        if not finished:
+            with contextlib.suppress(Exception):
+                await self._nc.publish(subjects.cancel(kind), encode(Cancel(command_id=command_id)))
+
+    async def _send(
+        self, kind: subjects.WorkerKind, command: CommandBase, token: str, deadline: float
+    ) -> Outcome | None:
+        """Publish the command; returns the earlier outcome when it is a repeat."""
+        headers = {
+            subjects.HEADER_MSG_ID: command.command_id,
+            subjects.HEADER_REPLY: subjects.reply(self._gateway_id, token),
+            subjects.HEADER_DEADLINE: str(int((time.time() + deadline - time.monotonic()) * 1000)),
+        }
+        try:
+            answer = await self._nc.request(
+                subjects.command(kind, name_of(command)),
+                encode(command),
+                timeout=max(deadline - time.monotonic(), 0.001),
+                headers=headers,
+            )
+        except (NatsTimeout, TimeoutError):
+            raise Unavailable("the command bus did not accept the command in time") from None
+        except NoRespondersError:
+            raise Unavailable("no command stream is there to take the command") from None
+        ack = _pub_ack.decode(answer.data)
+        if ack.error is not None:
+            raise Unavailable(
+                f"the command bus refused the command: {ack.error.get('description')}"
+            )
+        if ack.duplicate:
+            return await self._await_outcome(command.command_id, deadline)
+        return None
 
     async def _await_outcome(self, command_id: str, deadline: float) -> Outcome:
         assert self._results is not None
@@ -160,15 +247,19 @@ class CommandCaller:
             delay = min(delay * 2, 0.5)
         raise DeadlineExceeded("the earlier request with this idempotency key has not finished")
 
-    async def _cancel(self, kind: subjects.WorkerKind, command_id: str) -> None:
-        with contextlib.suppress(Exception):
-            await self._nc.publish(subjects.cancel(kind), encode(Cancel(command_id=command_id)))
-
     async def _on_reply(self, msg: Msg) -> None:
-        queue = self._calls.get(msg.subject.rsplit(".", 1)[-1])
-        if queue is None:
+        inbox = self._calls.get(msg.subject.rsplit(".", 1)[-1])
+        if inbox is None:
             return  # the caller has gone: a late or repeated answer
         try:
-            queue.put_nowait(self._decoder.decode(msg.data))
+            inbox.put(self._decoder.decode(msg.data))
         except msgspec.DecodeError:
             return
+
+
+def _result_of(outcome: Outcome) -> Reply:
+    if outcome.error is not None:
+        raise error_from_info(outcome.error)
+    if outcome.result is None:
+        raise Internal("the earlier outcome holds no result")
+    return outcome.result

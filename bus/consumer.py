@@ -1,10 +1,11 @@
 """A JetStream pull consumer that keeps messages flowing, one message at a time.
 
-`fetch(batch=n)` in nats-py returns only when the batch is full or its timeout ends, and a
-fetch-then-process loop waits for the slowest message of each batch. Instead this keeps
-pull requests outstanding on one inbox (credits), hands each message to `deliver` the moment
-it arrives, and tops the credits up as handlers finish, so the window of in-flight work stays
-full at high load and a lone message is handled at once at low load.
+A fetch-then-process loop (FastStream's pull subscriber is one) asks for a batch, runs it to
+the end, and only then asks again: every fetch is a request round trip, and one slow command
+holds back the next batch. Instead this keeps pull requests outstanding on one inbox
+(credits), hands each message to `deliver` the moment it arrives, and tops the credits up as
+handlers finish, so the window of in-flight work stays full at high load and a lone message
+is handled at once at low load. `just bench` compares it with both.
 """
 
 from __future__ import annotations

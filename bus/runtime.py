@@ -122,6 +122,7 @@ class CommandRuntime:
         self._jobs: dict[str, _Job] = {}
         self._cancelled: dict[str, float] = {}
         self._results: KeyValue | None = None
+        self._results_prefix = ""
         self._consumer: PullConsumer | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._cancel_sub: Subscription | None = None
@@ -142,6 +143,7 @@ class CommandRuntime:
             ),
         )
         self._results = await declare_bucket(self._js, topology.results_bucket(self._replicas))
+        self._results_prefix = f"$KV.{topology.RESULTS_BUCKET}."
         self._consumer = PullConsumer(
             self._nc,
             stream=topology.COMMAND_STREAM,
@@ -302,11 +304,14 @@ class CommandRuntime:
         )
 
     async def _finish(self, job: _Job, outcome: Outcome) -> None:
-        """Answer the caller and remember the answer before the message is acked."""
-        assert self._results is not None
-        remember = asyncio.ensure_future(self._results.put(job.command_id, encode(outcome)))
+        """Remember the answer, then give it to the caller; both before the message is acked.
+
+        The outcome goes to the results bucket's subject as a plain publish: it travels the
+        same connection ahead of the ack, so JetStream receives it first, and the worker does
+        not wait a round trip for a store acknowledgement on every command.
+        """
+        await self._nc.publish(f"{self._results_prefix}{job.command_id}", encode(outcome))
         await self._reply_terminal(job, outcome)
-        await remember
 
     async def _known_outcome(self, command_id: str) -> Outcome | None:
         assert self._results is not None
