@@ -49,7 +49,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         "o1",
         "O1 gpuproxy bus",
-        "CommandCaller -> JetStream -> CommandRuntime + answer_ping (+ a results-KV put "
+        "CommandCaller -> JetStream -> CommandRuntime + answer_ping (+ a results-bucket write "
         "per command) -> reply chunk; one process, two connections",
         open_gpuproxy_bus,
     ),
