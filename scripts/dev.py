@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import venv
@@ -50,10 +51,15 @@ def ensure_venv() -> None:
 
 def run(args: list[str]) -> int:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    try:
-        return subprocess.call(args, cwd=ROOT, env=env)
-    except KeyboardInterrupt:
-        return 130
+    child = subprocess.Popen(args, cwd=ROOT, env=env)
+    # SIGTERM goes on to the child; Ctrl-C reaches it directly (same process group). Either
+    # way the child stops in its own order, and this waits for it instead of killing it.
+    signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
+    while True:
+        try:
+            return child.wait()
+        except KeyboardInterrupt:
+            continue
 
 
 def main(argv: list[str]) -> int:
