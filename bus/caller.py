@@ -47,6 +47,9 @@ class _PubAck(msgspec.Struct):
 
 _pub_ack = msgspec.json.Decoder(_PubAck)
 
+PUBLISH_ATTEMPT = 1.0
+"""Seconds to wait for JetStream to confirm one publish before sending it again."""
+
 
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
@@ -213,17 +216,25 @@ class CommandCaller:
             subjects.HEADER_REPLY: subjects.reply(self._gateway_id, token),
             subjects.HEADER_DEADLINE: str(int((time.time() + deadline - time.monotonic()) * 1000)),
         }
-        try:
-            answer = await self._nc.request(
-                subjects.command(kind, name_of(command)),
-                encode(command),
-                timeout=max(deadline - time.monotonic(), 0.001),
-                headers=headers,
-            )
-        except (NatsTimeout, TimeoutError):
-            raise Unavailable("the command bus did not accept the command in time") from None
-        except NoRespondersError:
-            raise Unavailable("no command stream is there to take the command") from None
+        subject, payload = subjects.command(kind, name_of(command)), encode(command)
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                answer = await self._nc.request(
+                    subject,
+                    payload,
+                    timeout=max(min(left, PUBLISH_ATTEMPT), 0.001),
+                    headers=headers,
+                )
+                break
+            except (NatsTimeout, TimeoutError):
+                # Lost on a connection that had just died, or JetStream busy electing a
+                # leader: the message id makes sending again safe, and a copy that did land
+                # comes back as a duplicate, answered from the results bucket.
+                if time.monotonic() >= deadline:
+                    raise Unavailable("the command bus did not take the command in time") from None
+            except NoRespondersError:
+                raise Unavailable("no command stream is there to take the command") from None
         ack = _pub_ack.decode(answer.data)
         if ack.error is not None:
             raise Unavailable(

@@ -129,11 +129,15 @@ class PullConsumer:
         asyncio.get_running_loop().create_task(self._top_up())
 
     async def _watch(self) -> None:
-        # Heartbeats stop when the server lost our requests (restart, reconnect to another
-        # node); start over with fresh requests rather than wait for credits that never come.
+        # Pull requests live on the server: after a reconnect (server restart, another
+        # cluster node) ours are gone, and without heartbeats they are gone too. Start over
+        # with fresh requests rather than wait for credits that never come.
+        reconnects = self._nc.stats["reconnects"]
         while True:
-            await asyncio.sleep(self._heartbeat)
-            if time.monotonic() - self._last_seen > 2 * self._heartbeat:
+            await asyncio.sleep(min(1.0, self._heartbeat))
+            silent = time.monotonic() - self._last_seen > 2 * self._heartbeat
+            if self._nc.stats["reconnects"] != reconnects or silent:
+                reconnects = self._nc.stats["reconnects"]
                 self._requested = 0
                 self._last_seen = time.monotonic()
                 await self._top_up()

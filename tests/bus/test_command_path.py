@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import msgspec
 import pytest
 from nats.aio.client import Client
 
+from bus.connection import connect
 from bus.runtime import Context
+from gpuproxy.natsd import NatsServer
 from schemas import subjects, topology
 from schemas.commands import Ping
 from schemas.errors import (
@@ -26,6 +29,7 @@ from schemas.events import CommandDeadLettered, Event
 from schemas.replies import Data, Pong, Result
 from schemas.subjects import WorkerKind
 from tests.bus.harness import running_caller, running_worker
+from tests.conftest import free_port
 from workers.common.ping import answer_ping
 
 
@@ -314,3 +318,25 @@ async def test_a_command_whose_deadline_passed_is_not_carried_out(
         async with running_worker(nats_url, {Ping: counted}):
             await asyncio.sleep(0.5)
     assert runs == 0
+
+
+async def test_the_command_path_recovers_when_nats_restarts(tmp_path: Path) -> None:
+    port = free_port()
+    store = tmp_path / "jetstream"
+    server = NatsServer(store, port=port)
+    url = server.start()
+    try:
+        async with running_worker(url, {Ping: answer_ping}):
+            nc = await connect(url, name="test-caller")
+            async with running_caller(nc) as caller:
+                before = await caller.call(WorkerKind.PROVISIONER, ping("before"), timeout=5)
+                server.stop()
+                server = NatsServer(store, port=port)
+                server.start()
+                after = await caller.call(WorkerKind.PROVISIONER, ping("after"), timeout=15)
+            await nc.close()
+    finally:
+        server.stop()
+    assert isinstance(before, Pong)
+    assert isinstance(after, Pong)
+    assert after.message == "after"
