@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -67,3 +69,45 @@ def test_a_supervisor_killed_outright_leaves_no_process_behind(tmp_path: Path) -
     while alive(family) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not alive(family), log.read_text()
+
+
+def test_up_starts_a_crashed_worker_again(tmp_path: Path) -> None:
+    env, target = start_up(tmp_path)
+    log = tmp_path / "up.log"
+    with gpuproxy(["up"], env, log) as up, grpc.insecure_channel(target) as channel:
+        wait_serving(target, up, log)
+        stub = pb_grpc.GPUProxyServiceStub(channel)
+        before = stub.Ping(pb.PingRequest(worker_kind="proxy"), timeout=10)
+        victim = int(before.worker_id.split("-")[-2])
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                after = stub.Ping(pb.PingRequest(worker_kind="proxy"), timeout=2)
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline, log.read_text()
+    assert after.worker_id != before.worker_id
+    assert "proxy exited with -9; starting it again" in log.read_text()
+
+
+def test_sigterm_lets_a_call_in_flight_finish_before_everything_stops(tmp_path: Path) -> None:
+    env, target = start_up(tmp_path)
+    log = tmp_path / "up.log"
+    with (
+        gpuproxy(["up"], env, log) as up,
+        grpc.insecure_channel(target) as channel,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        wait_serving(target, up, log)
+        stub = pb_grpc.GPUProxyServiceStub(channel)
+        healthy(stub)
+        call = pool.submit(
+            stub.Ping, pb.PingRequest(message="finish me", delay_ms=2000), timeout=30
+        )
+        time.sleep(0.5)
+        up.send_signal(signal.SIGTERM)
+        answer = call.result(timeout=30)
+        code = up.wait(60)
+    assert answer.message == "finish me"
+    assert code == 0
