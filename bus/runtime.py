@@ -234,19 +234,22 @@ class CommandRuntime:
 
     async def _settle(self, job: _Job, headers: Mapping[str, str]) -> None:
         msg = job.msg
+        # First: a command that finished before (its ack was lost) keeps its answer, whatever
+        # happened since; the checks below would otherwise overwrite it.
+        if job.attempt > 1 and (known := await self._known_outcome(job.command_id)) is not None:
+            await self._reply_terminal(job, known)
+            await msg.ack()
+            return
         if job.command_id in self._cancelled:
             await self._finish(job, Outcome(error=Cancelled("cancelled by the caller").to_info()))
             await msg.term()
             return
         deadline = headers.get(subjects.HEADER_DEADLINE)
-        if deadline is not None and int(deadline) < time.time() * 1000:
+        if deadline is not None and deadline.isdigit() and int(deadline) < time.time() * 1000:
             # Nobody waits for this answer any more; doing the work now would only surprise.
-            await self._finish(job, Outcome(error=DeadlineExceeded("deadline passed").to_info()))
+            expired = DeadlineExceeded("the request expired before a worker could take it")
+            await self._finish(job, Outcome(error=expired.to_info()))
             await msg.term()
-            return
-        if job.attempt > 1 and (known := await self._known_outcome(job.command_id)) is not None:
-            await self._reply_terminal(job, known)
-            await msg.ack()
             return
         try:
             command = self._decoder.decode(msg.data)
@@ -256,7 +259,8 @@ class CommandRuntime:
                     InvalidArgument(f"{self.kind} does not handle {type(command).__name__}")
                 )
             reply = await handler(command, Context(self, job))
-        except msgspec.ValidationError as exc:
+        except msgspec.DecodeError as exc:
+            # Not JSON, or not a command we know: no delivery will ever read it differently.
             await self._dead_letter(job, InvalidArgument(f"malformed command: {exc}").to_info())
         except Reject as exc:
             await self._dead_letter(job, exc.error.to_info())

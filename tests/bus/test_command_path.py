@@ -19,6 +19,7 @@ from schemas.commands import Ping
 from schemas.errors import (
     Cancelled,
     DeadlineExceeded,
+    ErrorCode,
     Internal,
     InvalidArgument,
     NotFound,
@@ -26,7 +27,7 @@ from schemas.errors import (
     RetryLater,
 )
 from schemas.events import CommandDeadLettered, Event
-from schemas.replies import Data, Pong, Result
+from schemas.replies import Chunk, Data, Failure, Pong, Result
 from schemas.subjects import WorkerKind
 from tests.bus.harness import running_caller, running_worker
 from tests.conftest import free_port
@@ -340,3 +341,23 @@ async def test_the_command_path_recovers_when_nats_restarts(tmp_path: Path) -> N
     assert isinstance(before, Pong)
     assert isinstance(after, Pong)
     assert after.message == "after"
+
+
+@pytest.mark.parametrize("payload", [b"\x00not json", b'{"type": "ping"}', b'{"type": "nuke"}'])
+async def test_a_malformed_command_is_dead_lettered_at_once_with_a_precise_error(
+    nats_url: str, nc: Client, payload: bytes
+) -> None:
+    inbox = nc.new_inbox()
+    replies = await nc.subscribe(inbox)
+    async with running_worker(nats_url, {Ping: answer_ping}):
+        await nc.jetstream().publish(
+            subjects.command(WorkerKind.PROVISIONER, "ping"),
+            payload,
+            headers={subjects.HEADER_MSG_ID: "bad-1", subjects.HEADER_REPLY: inbox},
+        )
+        answer = msgspec.json.decode((await replies.next_msg(timeout=5)).data, type=Chunk)
+    assert isinstance(answer, Failure)
+    assert answer.error.code == ErrorCode.INVALID_ARGUMENT
+    assert answer.error.message.startswith("malformed command")
+    [event] = await dead_letters(nc)
+    assert (event.command_id, event.deliveries) == ("bad-1", 1)
