@@ -16,14 +16,13 @@ import collections
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
@@ -34,6 +33,8 @@ from schemas.commands import CommandBase, name_of
 from schemas.control import Cancel
 from schemas.errors import DeadlineExceeded, Internal, Unavailable, error_from_info
 from schemas.replies import Chunk, Data, Failure, Heartbeat, Outcome, Reply, Result
+
+T = TypeVar("T")
 
 
 class _PubAck(msgspec.Struct):
@@ -47,23 +48,51 @@ class _PubAck(msgspec.Struct):
 
 _pub_ack = msgspec.json.Decoder(_PubAck)
 
+_ACK = "a"
+"""Reply-token prefix that marks JetStream's publish acknowledgements on the reply subject."""
+
 PUBLISH_ATTEMPT = 1.0
 """Seconds to wait for JetStream to confirm one publish before sending it again."""
 
 
-def _expire(waiter: asyncio.Future[None]) -> None:
+def _expire(waiter: asyncio.Future[Any], error: Callable[[], Exception]) -> None:
     if not waiter.done():
-        waiter.set_exception(DeadlineExceeded("no answer from a worker before the deadline"))
+        waiter.set_exception(error())
+
+
+def _no_answer() -> Exception:
+    return DeadlineExceeded("no answer from a worker before the deadline")
+
+
+def _not_taken() -> Exception:
+    return TimeoutError("JetStream has not confirmed the publish yet")
+
+
+async def _within(waiter: asyncio.Future[T], seconds: float, error: Callable[[], Exception]) -> T:
+    """Await `waiter` for at most `seconds`.
+
+    Not `asyncio.wait_for`: on Python 3.11 it returns the result and drops a cancellation
+    that arrives as the future completes, and a call cancelled that way never tells its
+    worker to stop. Awaiting the future itself cancels cleanly.
+    """
+    loop = asyncio.get_running_loop()
+    timer = loop.call_later(max(seconds, 0), _expire, waiter, error)
+    try:
+        return await waiter
+    finally:
+        timer.cancel()
 
 
 class _Inbox:
     """The chunks of one call, in arrival order, checked for attempt and sequence."""
 
-    __slots__ = ("_attempt", "_chunks", "_expected", "_waiter", "streamed")
+    __slots__ = ("_attempt", "_chunks", "_expected", "_waiter", "ack", "streamed")
 
     def __init__(self) -> None:
         self._chunks: collections.deque[Chunk] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
+        self.ack: asyncio.Future[Msg] | None = None
+        """JetStream's answer to the publish of this call's command."""
         self._attempt = 0
         self._expected = 0
         self.streamed = False
@@ -77,15 +106,10 @@ class _Inbox:
         """The next chunk that matters: heartbeats, repeats and superseded attempts skipped."""
         while True:
             while not self._chunks:
-                loop = asyncio.get_running_loop()
-                self._waiter = loop.create_future()
-                timer = loop.call_at(
-                    loop.time() + (deadline - time.monotonic()), _expire, self._waiter
-                )
+                self._waiter = asyncio.get_running_loop().create_future()
                 try:
-                    await self._waiter
+                    await _within(self._waiter, deadline - time.monotonic(), _no_answer)
                 finally:
-                    timer.cancel()
                     self._waiter = None
             chunk = self._accept(self._chunks.popleft())
             if chunk is not None:
@@ -217,24 +241,23 @@ class CommandCaller:
             subjects.HEADER_DEADLINE: str(int((time.time() + deadline - time.monotonic()) * 1000)),
         }
         subject, payload = subjects.command(kind, name_of(command)), encode(command)
+        inbox = self._calls[token]
+        ack_to = subjects.reply(self._gateway_id, f"{_ACK}{token}")
         while True:
+            inbox.ack = asyncio.get_running_loop().create_future()
+            await self._nc.publish(subject, payload, reply=ack_to, headers=headers)
             left = deadline - time.monotonic()
             try:
-                answer = await self._nc.request(
-                    subject,
-                    payload,
-                    timeout=max(min(left, PUBLISH_ATTEMPT), 0.001),
-                    headers=headers,
-                )
+                answer = await _within(inbox.ack, min(left, PUBLISH_ATTEMPT), _not_taken)
                 break
-            except (NatsTimeout, TimeoutError):
+            except TimeoutError:
                 # Lost on a connection that had just died, or JetStream busy electing a
                 # leader: the message id makes sending again safe, and a copy that did land
                 # comes back as a duplicate, answered from the results bucket.
                 if time.monotonic() >= deadline:
                     raise Unavailable("the command bus did not take the command in time") from None
-            except NoRespondersError:
-                raise Unavailable("no command stream is there to take the command") from None
+        if answer.headers and answer.headers.get("Status") == "503":
+            raise Unavailable("no command stream is there to take the command")
         ack = _pub_ack.decode(answer.data)
         if ack.error is not None:
             raise Unavailable(
@@ -259,7 +282,13 @@ class CommandCaller:
         raise DeadlineExceeded("the earlier request with this idempotency key has not finished")
 
     async def _on_reply(self, msg: Msg) -> None:
-        inbox = self._calls.get(msg.subject.rsplit(".", 1)[-1])
+        token = msg.subject.rsplit(".", 1)[-1]
+        if token.startswith(_ACK):
+            inbox = self._calls.get(token[len(_ACK) :])
+            if inbox is not None and inbox.ack is not None and not inbox.ack.done():
+                inbox.ack.set_result(msg)
+            return
+        inbox = self._calls.get(token)
         if inbox is None:
             return  # the caller has gone: a late or repeated answer
         try:

@@ -300,7 +300,10 @@ async def test_stopping_a_worker_hands_unfinished_work_to_another_replica(
         async with running_worker(nats_url, {Ping: quick}) as second:
             reply = await asyncio.wait_for(call, 10)
     assert isinstance(reply, Pong)
-    assert (reply.worker_id, reply.attempt) == (second.worker_id, 2)
+    assert reply.worker_id == second.worker_id
+    # nats-server 2.10 and later count this as delivery 2; 2.9 reports a nak'd message that
+    # comes back after its consumer's only puller left as delivery 1 (seen on 2.9.10).
+    assert reply.attempt in (1, 2)
 
 
 async def test_a_command_whose_deadline_passed_is_not_carried_out(
