@@ -11,9 +11,11 @@ from google.protobuf import descriptor_pb2
 from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from nats.aio.client import Client
 
 from gateway.pb import gpuproxy_pb2 as pb
 from gateway.pb import gpuproxy_pb2_grpc as pb_grpc
+from schemas import topology
 from schemas.subjects import WorkerKind
 from tests.e2e.system import System, running_system
 
@@ -119,6 +121,19 @@ async def test_a_client_deadline_shorter_than_the_work_ends_in_deadline_exceeded
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await stub.Ping(pb.PingRequest(delay_ms=5_000), timeout=0.5)
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def test_a_client_that_gives_up_stops_the_work_at_the_worker(
+    stub: pb_grpc.GPUProxyServiceStub, nc: Client
+) -> None:
+    js = nc.jetstream()
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.Ping(pb.PingRequest(delay_ms=20_000), timeout=0.5)
+    # Cancelled and termed at once, not held for the 20 s the work would take.
+    deadline = asyncio.get_running_loop().time() + 3
+    while (await js.consumer_info(topology.COMMAND_STREAM, "provisioner")).num_ack_pending:
+        assert asyncio.get_running_loop().time() < deadline, "the worker kept the command"
+        await asyncio.sleep(0.05)
 
 
 async def test_methods_not_served_yet_answer_unimplemented_naming_what_is_missing(
