@@ -67,6 +67,7 @@ class NatsServer:
         self._ready = threading.Event()
         self._bound_port = 0
         self._tail: list[str] = []
+        self._reader: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -110,7 +111,8 @@ class NatsServer:
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
-        threading.Thread(target=self._read_log, name="nats-server-log", daemon=True).start()
+        self._reader = threading.Thread(target=self._read_log, name="nats-server-log", daemon=True)
+        self._reader.start()
         if not self._ready.wait(timeout) or not self._bound_port:
             self.stop()
             tail = " | ".join(self._tail[-3:])
@@ -136,16 +138,23 @@ class NatsServer:
 
     def stop(self, timeout: float = 10.0) -> None:
         process = self._process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self._drain_log()
+
+    def _drain_log(self) -> None:
+        # The server's last lines are still on their way once it has exited; a stopped server
+        # has said everything, so whoever receives its log can close it safely.
+        if self._reader is not None:
+            self._reader.join(timeout=5)
 
     def kill(self) -> None:
         if self._process is not None and self._process.poll() is None:
             os.kill(self._process.pid, signal.SIGKILL)
             self._process.wait()
+            self._drain_log()
