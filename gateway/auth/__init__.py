@@ -1,0 +1,1 @@
+"""Who is calling: tokens, passwords, API keys, and the checks both front doors share."""
