@@ -18,6 +18,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -117,7 +118,9 @@ def database_url(request: pytest.FixtureRequest, sqlite_url: str) -> str:
 @pytest.fixture(scope="session")
 def postgres_url(request: pytest.FixtureRequest) -> str:
     url: str = request.config.getoption("--postgres-url")
-    reason = asyncio.run(_postgres_unreachable(url))
+    # In a thread of its own: this may first be asked for while the test loop is running.
+    with ThreadPoolExecutor(1) as probe:
+        reason = probe.submit(asyncio.run, _postgres_unreachable(url)).result()
     if reason:
         message = f"PostgreSQL at {url.split('@')[-1]} does not answer: {reason}"
         if os.environ.get("GPUPROXY_REQUIRE_POSTGRES") == "1":

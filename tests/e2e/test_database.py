@@ -76,3 +76,35 @@ def test_a_failed_migration_names_the_setting_and_not_the_password() -> None:
     assert "pw-not-for-logs" not in str(raised.value)
     assert raised.value.__cause__ is None
     assert raised.value.__suppress_context__
+
+
+async def schema_drift(url: str) -> list[object]:
+    """What Alembic would still change to make the database match the models."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from gateway.accounts.tables import Base
+
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as connection:
+            return await connection.run_sync(
+                lambda sync: compare_metadata(MigrationContext.configure(sync), Base.metadata)
+            )
+    finally:
+        await engine.dispose()
+
+
+async def test_the_migrated_sqlite_schema_is_exactly_what_the_models_describe(
+    sqlite_url: str,
+) -> None:
+    await asyncio.to_thread(migrate.upgrade, sqlite_url)
+    assert await schema_drift(sqlite_url) == []
+
+
+@pytest.mark.postgres
+async def test_the_migrated_postgres_schema_is_exactly_what_the_models_describe(
+    postgres_database: str,
+) -> None:
+    await asyncio.to_thread(migrate.upgrade, postgres_database)
+    assert await schema_drift(postgres_database) == []
