@@ -7,6 +7,7 @@ runs them; this process is only the client.
 from __future__ import annotations
 
 import contextlib
+import secrets
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,6 +34,7 @@ async def open_gpuproxy_e2e(workdir: Path, plan: Plan) -> AsyncIterator[Session]
             SERVER_PORT=str(free_port()),
             GRPC_PORT=str(grpc_port),
             LOG_LEVEL="warning",
+            JWT_SECRET=secrets.token_urlsafe(48),
         )
         gpuproxy = [sys.executable, "-m", "gpuproxy"]
         worker_log = workdir / "worker.log"

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import msgspec
 
+from gateway.auth.tokens import KeyRing
+
 
 class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: str
     database_url: str
     gateway_id: str
+    keys: KeyRing
+    """Signs and checks access tokens (see `gpuproxy.signing`)."""
     bind: str = "127.0.0.1"
     http_port: int = 8080
     grpc_port: int = 9090
@@ -18,3 +22,5 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Seconds readiness waits for each worker kind to answer its ping."""
     stream_replicas: int = 1
     log_level: str = "info"
+    access_ttl: int = 900
+    """Seconds an access token lives; a refresh token gets the next one."""

@@ -15,6 +15,7 @@ import grpc
 
 from bus.caller import CommandCaller
 from gateway import convert, validation
+from gateway.accounts.service import AccountService
 from gateway.config import GatewayConfig
 from gateway.errors import grpc_status
 from gateway.health import Health
@@ -62,9 +63,16 @@ async def _refuse(context: Context, error: GpuproxyError) -> None:
 
 
 class GPUProxyService(pb_grpc.GPUProxyServiceServicer):
-    def __init__(self, caller: CommandCaller, health: Health, config: GatewayConfig) -> None:
+    def __init__(
+        self,
+        caller: CommandCaller,
+        health: Health,
+        accounts: AccountService,
+        config: GatewayConfig,
+    ) -> None:
         self._caller = caller
         self._health = health
+        self._accounts = accounts
         self._config = config
 
     def _timeout(self, context: Context) -> float:
@@ -99,7 +107,14 @@ class GPUProxyService(pb_grpc.GPUProxyServiceServicer):
 
     @answers_errors
     async def Login(self, request: pb.LoginRequest, context: Context) -> pb.LoginResponse:
-        raise _missing("Login", ACCOUNTS)
+        grant = await self._accounts.login(request.email, request.password)
+        return pb.LoginResponse(
+            token=grant.access_token,
+            user_id=grant.user_id,
+            email=grant.email,
+            refresh_token=grant.refresh_token,
+            expires_in=grant.expires_in,
+        )
 
     @answers_errors
     async def CreateAPIKey(

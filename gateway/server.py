@@ -19,6 +19,10 @@ from grpc_reflection.v1alpha import reflection
 
 from bus.caller import CommandCaller
 from bus.connection import connect
+from bus.events import EventPublisher
+from gateway.accounts.service import AccountService
+from gateway.accounts.store import Accounts
+from gateway.auth.tokens import TokenAuthority
 from gateway.config import GatewayConfig
 from gateway.database import engine_for
 from gateway.grpc_service import GPUProxyService
@@ -60,11 +64,18 @@ async def serve(
     await caller.start()
     engine = engine_for(config.database_url)
     checks = Health(nc, caller, engine, probe_timeout=config.probe_timeout)
+    accounts = AccountService(
+        Accounts(engine),
+        TokenAuthority(config.keys, ttl_seconds=config.access_ttl),
+        EventPublisher(nc.jetstream()),
+    )
 
     server = grpc.aio.server(
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
     )
-    pb_grpc.add_GPUProxyServiceServicer_to_server(GPUProxyService(caller, checks, config), server)
+    pb_grpc.add_GPUProxyServiceServicer_to_server(
+        GPUProxyService(caller, checks, accounts, config), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -77,7 +88,7 @@ async def serve(
 
     http = _HttpServer(
         uvicorn.Config(
-            build_app(caller, checks, config),
+            build_app(caller, checks, accounts, config),
             host=config.bind,
             port=config.http_port,
             log_level=config.log_level.lower(),

@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 import click
 
 from gpuproxy import settings as settings_module
+from gpuproxy import signing
 from gpuproxy.settings import Settings
 from schemas.errors import ConfigError, GpuproxyError
 from schemas.subjects import WorkerKind
@@ -102,6 +103,8 @@ def up() -> None:
     server: NatsServer | None = None
     try:
         settings_module.ensure_data_dir(settings.data_dir)
+        # Checked (and on first run made) here, so a bad secret stops `up` before anything runs.
+        signing.key_ring(os.environ, settings.data_dir, create=True)
         settings_module.ensure_port_free(settings.bind, settings.http_port, "SERVER_PORT")
         settings_module.ensure_port_free(settings.bind, settings.grpc_port, "GRPC_PORT")
         if settings.nats_url is None:
@@ -147,6 +150,7 @@ def gateway() -> None:
             nats_url=_require_nats(settings),
             database_url=settings.database_url,
             gateway_id=settings_module.process_id("gateway"),
+            keys=signing.key_ring(os.environ, settings.data_dir, create=False),
             bind=settings.bind,
             http_port=settings.http_port,
             grpc_port=settings.grpc_port,

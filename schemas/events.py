@@ -39,7 +39,31 @@ class CommandDeadLettered(EventBase, frozen=True, kw_only=True, tag="command.dea
     error: ErrorInfo
 
 
-Event = WorkerStarted | WorkerStopped | CommandDeadLettered
+class UserRegistered(EventBase, frozen=True, kw_only=True, tag="user.registered"):
+    user_id: str
+    role: str
+
+
+class SessionStarted(EventBase, frozen=True, kw_only=True, tag="session.started"):
+    """A user logged in. Carries who, never a credential."""
+
+    user_id: str
+
+
+class SessionEnded(EventBase, frozen=True, kw_only=True, tag="session.ended"):
+    user_id: str
+    reason: str
+    """`logout`, or `reuse` when a rotated refresh token came back and the chain was revoked."""
+
+
+Event = (
+    WorkerStarted
+    | WorkerStopped
+    | CommandDeadLettered
+    | UserRegistered
+    | SessionStarted
+    | SessionEnded
+)
 
 
 def subject_of(event: EventBase) -> str:

@@ -162,3 +162,12 @@ async def postgres_database(postgres_url: str) -> AsyncIterator[str]:
         async with admin.connect() as connection:
             await connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         await admin.dispose()
+
+
+@pytest.fixture
+def migrated_database(database_url: str) -> str:
+    """`database_url` with every migration applied (run outside the test's event loop)."""
+    from gpuproxy import migrate
+
+    migrate.upgrade(database_url)
+    return database_url

@@ -31,6 +31,20 @@ _EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]+\.[^@\s.]{2,}")
 _WRONG = "the email or password is wrong"
 
 
+class SessionReused(Unauthenticated):
+    """A rotated refresh token came back: the chain is revoked; `user_id` says whose."""
+
+    def __init__(
+        self,
+        message: str = "the refresh token was already used; log in again",
+        *,
+        field: str = "",
+        user_id: str = "",
+    ) -> None:
+        super().__init__(message, field=field)
+        self.user_id = user_id
+
+
 class Session(msgspec.Struct, frozen=True, kw_only=True):
     user_id: str
     email: str
@@ -123,7 +137,7 @@ class Accounts:
                 # Committed before the refusal: raising inside the transaction would undo it.
                 await self._revoke_family(db, link.family, now)
         if reused:
-            raise Unauthenticated("the refresh token was already used; log in again")
+            raise SessionReused(user_id=link.user_id)
         async with self._sessions.begin() as db:
             # Claim the token with one conditional write: of concurrent refreshes with the
             # same token exactly one changes the row, on SQLite (no row locks) as on PostgreSQL.

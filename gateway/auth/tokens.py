@@ -141,7 +141,7 @@ def asymmetric_ring(
 class TokenAuthority:
     def __init__(self, ring: KeyRing, *, ttl_seconds: int = 900) -> None:
         self._ring = ring
-        self._ttl = ttl_seconds
+        self.ttl_seconds = ttl_seconds
         self._keys: Mapping[str, VerifyingKey] = {k.kid: k for k in ring.verifying}
 
     def issue(
@@ -154,7 +154,7 @@ class TokenAuthority:
             "aud": AUDIENCE,
             "iat": issued,
             "nbf": issued,
-            "exp": issued + self._ttl,
+            "exp": issued + self.ttl_seconds,
             "jti": uuid.uuid4().hex,
             "role": role,
             "scopes": list(scopes),

@@ -66,20 +66,28 @@ class LoginResponse(_message.Message):
     TOKEN_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
     EMAIL_FIELD_NUMBER: _builtins.int
+    REFRESH_TOKEN_FIELD_NUMBER: _builtins.int
+    EXPIRES_IN_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     """Bearer token for later calls."""
     user_id: _builtins.str
     email: _builtins.str
+    refresh_token: _builtins.str
+    """Trades for a new access token at /api/v1/auth/refresh; rotates on every use."""
+    expires_in: _builtins.int
+    """Seconds until `token` expires."""
     def __init__(
         self,
         *,
         token: _builtins.str = ...,
         user_id: _builtins.str = ...,
         email: _builtins.str = ...,
+        refresh_token: _builtins.str = ...,
+        expires_in: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "token", b"token", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "expires_in", b"expires_in", "refresh_token", b"refresh_token", "token", b"token", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

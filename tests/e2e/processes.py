@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -33,6 +34,7 @@ def parts_env(tmp_path: Path, nats_url: str, **settings: str) -> tuple[dict[str,
         DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}",
         SERVER_PORT=str(free_port()),
         GRPC_PORT=str(grpc_port),
+        JWT_SECRET=secrets.token_urlsafe(48),
         **settings,
     )
     return env, f"127.0.0.1:{grpc_port}"

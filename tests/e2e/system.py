@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -10,6 +11,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import msgspec
 from faststream import FastStream
 
+from gateway.auth.tokens import hmac_ring
 from gateway.config import GatewayConfig
 from gateway.server import serve
 from schemas.subjects import WorkerKind
@@ -74,6 +76,7 @@ async def running_system(
         nats_url=nats_url,
         database_url=database_url,
         gateway_id=f"gw-{uuid.uuid4().hex[:6]}",
+        keys=hmac_ring(secrets.token_urlsafe(48).encode()),
         http_port=free_port(),
         grpc_port=free_port(),
         request_timeout=10.0,

@@ -19,7 +19,7 @@ from schemas import topology
 from schemas.subjects import WorkerKind
 from tests.e2e.system import System, running_system
 
-SERVED = {"HealthCheck", "Ping"}
+SERVED = {"HealthCheck", "Ping", "Login"}
 SERVICE = pb.DESCRIPTOR.services_by_name["GPUProxyService"]
 
 

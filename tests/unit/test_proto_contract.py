@@ -20,7 +20,13 @@ FieldTable = dict[str, tuple[int, str]]
 
 ORIGINAL_FIELDS: dict[str, FieldTable] = {
     "LoginRequest": {"email": (1, "string"), "password": (2, "string")},
-    "LoginResponse": {"token": (1, "string"), "user_id": (2, "string"), "email": (3, "string")},
+    "LoginResponse": {
+        "token": (1, "string"),
+        "user_id": (2, "string"),
+        "email": (3, "string"),
+        "refresh_token": (4, "string"),
+        "expires_in": (5, "int64"),
+    },
     "CreateAPIKeyRequest": {"name": (1, "string"), "token": (2, "string")},
     "CreateAPIKeyResponse": {
         "api_key": (1, "string"),

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from gateway import validation
-from gateway.http_app import PingBody, _decode
+from gateway.http_app import PingBody
+from gateway.http_io import decode as _decode
 from schemas.commands import MAX_PING_DELAY_MS
 from schemas.errors import InvalidArgument
 from schemas.subjects import WorkerKind
