@@ -94,7 +94,7 @@ def main() -> None:
 @main.command()
 def up() -> None:
     """Start everything on embedded defaults: nats-server, migrations, gateway, workers."""
-    from gpuproxy import migrate
+    from gpuproxy import first_admin, migrate
     from gpuproxy.natsd import NatsServer
     from gpuproxy.supervisor import say, supervise
 
@@ -118,10 +118,14 @@ def up() -> None:
             nats_url = settings.nats_url
             _run(_check_nats(nats_url))
         migrate.upgrade(settings.database_url)
+        first = first_admin.ensure(settings.database_url, os.environ)
     except GpuproxyError as exc:
         if server is not None:
             server.stop()
         _fail(exc)
+    if first is not None:
+        say("supervisor", f"first admin created: {first[0]} with password {first[1]}")
+        say("supervisor", "this password is shown once; keep it or set GPUPROXY_ADMIN_PASSWORD")
     say("supervisor", f"data in {settings.data_dir}; NATS at {nats_url}")
     say(
         "supervisor",

@@ -174,6 +174,11 @@ class Accounts:
             await self._revoke_family(db, link.family, _now_ms())
             return link.user_id
 
+    async def has_admin(self) -> bool:
+        async with self._sessions() as db:
+            found = await db.execute(select(User.id).where(User.role == "admin").limit(1))
+            return found.first() is not None
+
     async def user(self, user_id: str) -> User | None:
         async with self._sessions() as db:
             return await db.get(User, user_id)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
+import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -111,3 +114,46 @@ def test_sigterm_lets_a_call_in_flight_finish_before_everything_stops(tmp_path: 
         code = up.wait(60)
     assert answer.message == "finish me"
     assert code == 0
+
+
+def login(target: str, email: str, password: str) -> pb.LoginResponse:
+    with grpc.insecure_channel(target) as channel:
+        answer: pb.LoginResponse = pb_grpc.GPUProxyServiceStub(channel).Login(
+            pb.LoginRequest(email=email, password=password), timeout=10
+        )
+        return answer
+
+
+def role_in(token: str) -> str:
+    payload = token.split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return str(claims["role"])
+
+
+def test_a_fresh_up_makes_an_admin_and_shows_its_password_only_once(tmp_path: Path) -> None:
+    env, target = start_up(tmp_path)
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    with gpuproxy(["up"], env, first_log) as up:
+        wait_serving(target, up, first_log)
+        shown = re.search(r"first admin created: (\S+) with password (\S+)", first_log.read_text())
+        assert shown is not None, first_log.read_text()
+        answer = login(target, shown.group(1), shown.group(2))
+    with gpuproxy(["up"], env, second_log) as up:
+        wait_serving(target, up, second_log)
+        again = login(target, shown.group(1), shown.group(2))
+    assert role_in(answer.token) == role_in(again.token) == "admin"
+    assert "first admin created" not in second_log.read_text()
+    assert shown.group(2) not in (tmp_path / "data" / "gpuproxy.db").read_bytes().decode(
+        errors="replace"
+    )
+
+
+def test_up_takes_the_first_admin_from_the_environment(tmp_path: Path) -> None:
+    env, target = start_up(tmp_path)
+    env.update(GPUPROXY_ADMIN_EMAIL="root@example.com", GPUPROXY_ADMIN_PASSWORD="a long admin pass")
+    log = tmp_path / "up.log"
+    with gpuproxy(["up"], env, log) as up:
+        wait_serving(target, up, log)
+        answer = login(target, "root@example.com", "a long admin pass")
+    assert role_in(answer.token) == "admin"
+    assert "a long admin pass" not in log.read_text()
