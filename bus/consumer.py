@@ -56,10 +56,6 @@ class PullConsumer:
         self._watchdog: asyncio.Task[None] | None = None
         self._closed = False
 
-    @property
-    def in_hand(self) -> int:
-        return self._in_hand
-
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(self._inbox, cb=self._on_message)
         self._watchdog = asyncio.create_task(self._watch(), name="pull-watchdog")

@@ -12,15 +12,20 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from gpuproxy import settings as settings_module
 from gpuproxy import signing
 from gpuproxy.settings import Settings
+from gpuproxy.supervisor import PARENT_PID
 from schemas.errors import ConfigError, GpuproxyError
 from schemas.subjects import WorkerKind
+
+if TYPE_CHECKING:
+    from gateway.config import GatewayConfig
+    from workers.common.config import WorkerConfig
 
 EXIT_CONFIG = 2
 
@@ -76,7 +81,7 @@ def _require_nats(settings: Settings) -> str:
 
 async def _watch_parent(stop: Callable[[], None]) -> None:
     """Stop when the supervisor that started us is gone (killed outright, no signal sent)."""
-    parent = os.environ.get("GPUPROXY_SUPERVISOR_PID")
+    parent = os.environ.get(PARENT_PID)
     if not parent:
         return
     # No event tells a process its parent died; polling once a second is cheap.
@@ -169,7 +174,7 @@ def gateway() -> None:
         _fail(ConfigError(f"cannot listen: {exc.strerror or exc}", field="SERVER_PORT/GRPC_PORT"))
 
 
-async def _gateway_main(config: Any) -> None:
+async def _gateway_main(config: GatewayConfig) -> None:
     from gateway.server import serve
 
     stop = asyncio.Event()
@@ -205,7 +210,7 @@ def worker(kind: str) -> None:
         _fail(exc)
 
 
-async def _worker_main(kind: WorkerKind, config: Any) -> None:
+async def _worker_main(kind: WorkerKind, config: WorkerConfig) -> None:
     from workers.billing.app import build as billing
     from workers.provisioner.app import build as provisioner
     from workers.proxy.app import build as proxy

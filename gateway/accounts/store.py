@@ -179,10 +179,6 @@ class Accounts:
             found = await db.execute(select(User.id).where(User.role == "admin").limit(1))
             return found.first() is not None
 
-    async def user(self, user_id: str) -> User | None:
-        async with self._sessions() as db:
-            return await db.get(User, user_id)
-
     @staticmethod
     async def _revoke_family(db: AsyncSession, family: str, now: int) -> None:
         await db.execute(

@@ -129,7 +129,8 @@ def asymmetric_ring(
     )
     # Sign and verify once now: a key that does not fit the algorithm fails at start.
     try:
-        TokenAuthority(ring).verify(TokenAuthority(ring).issue("check", role="user", scopes=()))
+        authority = TokenAuthority(ring)
+        authority.verify(authority.issue("check", role="user", scopes=()))
     except (jwt.PyJWTError, ValueError, TypeError, Unauthenticated):
         raise ConfigError(
             f"the key files do not make a working {algorithm} key pair",
