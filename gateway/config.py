@@ -24,3 +24,7 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "info"
     access_ttl: int = 900
     """Seconds an access token lives; a refresh token gets the next one."""
+    trusted_proxies: tuple[str, ...] = ()
+    """CIDRs of reverse proxies whose `X-Forwarded-For` names the client."""
+    resync_access: bool = True
+    """Bring the access bucket up to SQL at start (repairs a write cut short by a crash)."""

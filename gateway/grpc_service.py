@@ -15,7 +15,8 @@ import grpc
 
 from bus.caller import CommandCaller
 from gateway import convert, validation
-from gateway.accounts.service import AccountService
+from gateway.accounts.service import AccountService, KeyRequest
+from gateway.auth import principal
 from gateway.config import GatewayConfig
 from gateway.errors import grpc_status
 from gateway.health import Health
@@ -30,7 +31,6 @@ R = TypeVar("R")
 
 IDEMPOTENCY_KEY = "idempotency-key"
 
-ACCOUNTS = "accounts and access (users, JWT, API keys)"
 PROVISIONING = "GPU provisioning (the provisioner worker's providers and instances)"
 INFERENCE = "the inference data plane (the proxy worker)"
 BILLING = "billing (the billing worker's ledger, payments and spending windows)"
@@ -97,8 +97,13 @@ class GPUProxyService(pb_grpc.GPUProxyServiceServicer):
 
     @answers_errors
     async def Ping(self, request: pb.PingRequest, context: Context) -> pb.PingResponse:
-        command_id = validation.command_id(self._idempotency_key(context), field=IDEMPOTENCY_KEY)
-        kind, command = convert.ping_from_proto(request, command_id=command_id)
+        caller = principal.current()
+        command_id = validation.command_id(
+            self._idempotency_key(context), field=IDEMPOTENCY_KEY, owner=caller.user_id
+        )
+        kind, command = convert.ping_from_proto(
+            request, command_id=command_id, actor=caller.user_id
+        )
         reply = await self._caller.call(kind, command, timeout=self._timeout(context))
         assert isinstance(reply, Pong)
         return convert.pong_to_proto(reply)
@@ -120,7 +125,28 @@ class GPUProxyService(pb_grpc.GPUProxyServiceServicer):
     async def CreateAPIKey(
         self, request: pb.CreateAPIKeyRequest, context: Context
     ) -> pb.CreateAPIKeyResponse:
-        raise _missing("CreateAPIKey", ACCOUNTS)
+        made = await self._accounts.create_key(
+            principal.current(),
+            KeyRequest(
+                name=request.name,
+                scopes=list(request.scopes) or None,
+                expires_in_days=request.expires_in_days or None,
+                rate_limit_per_minute=(
+                    request.rate_limit_per_minute
+                    if request.HasField("rate_limit_per_minute")
+                    else None
+                ),
+            ),
+        )
+        return pb.CreateAPIKeyResponse(
+            api_key=made.api_key,
+            name=made.info.name,
+            created_at=made.info.created_at_ms // 1000,
+            key_id=made.info.id,
+            scopes=made.info.scopes,
+            expires_at=(made.info.expires_at_ms or 0) // 1000,
+            rate_limit_per_minute=made.info.rate_limit_per_minute or 0,
+        )
 
     @answers_errors
     async def ListGPUInstances(

@@ -7,12 +7,15 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from bus.caller import CommandCaller
 from gateway import validation
 from gateway.accounts.http import routes as account_routes
+from gateway.accounts.ip_access import IpAccess
 from gateway.accounts.service import AccountService
+from gateway.auth import principal
+from gateway.auth.http_guard import HttpGuard
+from gateway.auth.policy import PUBLIC, SIGNED_IN
 from gateway.config import GatewayConfig
 from gateway.errors import http_answer
 from gateway.health import Health
@@ -31,7 +34,12 @@ class PingBody(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def build_app(
-    caller: CommandCaller, health: Health, accounts: AccountService, config: GatewayConfig
+    caller: CommandCaller,
+    health: Health,
+    guard: HttpGuard,
+    accounts: AccountService,
+    ip_access: IpAccess,
+    config: GatewayConfig,
 ) -> Starlette:
     async def live(request: Request) -> Response:
         return json_response(200, {"status": "ok"})
@@ -50,12 +58,14 @@ def build_app(
 
     async def ping(request: Request) -> Response:
         ping_body = await body(request, PingBody)
+        actor = principal.current().user_id
         command_id = validation.command_id(
-            request.headers.get(IDEMPOTENCY_KEY), field=IDEMPOTENCY_KEY
+            request.headers.get(IDEMPOTENCY_KEY), field=IDEMPOTENCY_KEY, owner=actor
         )
         kind = validation.worker_kind(ping_body.worker_kind)
         command = Ping(
             command_id=command_id,
+            actor=actor,
             message=validation.ping_message(ping_body.message),
             delay_ms=validation.ping_delay(ping_body.delay_ms),
         )
@@ -66,7 +76,9 @@ def build_app(
     async def on_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, GpuproxyError)
         status, body = http_answer(exc)
-        return json_response(status, body)
+        response = json_response(status, body)
+        response.headers.update(exc.headers())
+        return response
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -74,11 +86,11 @@ def build_app(
 
     return Starlette(
         routes=[
-            Route("/health", health_report, methods=["GET"]),
-            Route("/healthz", live, methods=["GET"]),
-            Route("/readyz", ready, methods=["GET"]),
-            Route("/api/v1/ping", ping, methods=["POST"]),
-            *account_routes(accounts),
+            guard.route("/health", health_report, methods=["GET"], requirement=PUBLIC),
+            guard.route("/healthz", live, methods=["GET"], requirement=PUBLIC),
+            guard.route("/readyz", ready, methods=["GET"], requirement=PUBLIC),
+            guard.route("/api/v1/ping", ping, methods=["POST"], requirement=SIGNED_IN),
+            *account_routes(guard, accounts, ip_access),
         ],
         exception_handlers={GpuproxyError: on_error, HTTPException: on_http_error},
     )

@@ -20,9 +20,21 @@ from grpc_reflection.v1alpha import reflection
 from bus.caller import CommandCaller
 from bus.connection import connect
 from bus.events import EventPublisher
+from bus.topology import declare_bucket
+from gateway.accounts.ip_access import IpAccess
+from gateway.accounts.keys import ApiKeys
+from gateway.accounts.projection import Projection
 from gateway.accounts.service import AccountService
 from gateway.accounts.store import Accounts
+from gateway.accounts.usage import UsageRecorder
+from gateway.auth.addresses import parse_network
+from gateway.auth.gatekeeper import Gatekeeper
+from gateway.auth.grpc_guard import GuardInterceptor
+from gateway.auth.http_guard import HttpGuard
+from gateway.auth.policy import GRPC_METHODS
+from gateway.auth.ratelimit import RateLimiter
 from gateway.auth.tokens import TokenAuthority
+from gateway.auth.view import AccessView
 from gateway.config import GatewayConfig
 from gateway.database import engine_for
 from gateway.grpc_service import GPUProxyService
@@ -30,11 +42,28 @@ from gateway.health import Health
 from gateway.http_app import build_app
 from gateway.pb import gpuproxy_pb2 as pb
 from gateway.pb import gpuproxy_pb2_grpc as pb_grpc
+from schemas import topology
 
 log = logging.getLogger("gpuproxy.gateway")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GPUProxyService"].full_name
 GRACE_SECONDS = 10.0
+
+
+async def _resync(projection: Projection) -> None:
+    while True:
+        try:
+            repaired = await projection.resync()
+        except Exception as exc:
+            # The URL (and its password) stays out of the log: the type says enough.
+            log.warning(
+                "access bucket not checked against the database yet (%s)", type(exc).__name__
+            )
+            await asyncio.sleep(5)
+            continue
+        if repaired:
+            log.info("access bucket: %d records brought up to the database", repaired)
+        return
 
 
 class _HttpServer(uvicorn.Server):
@@ -64,14 +93,35 @@ async def serve(
     await caller.start()
     engine = engine_for(config.database_url)
     checks = Health(nc, caller, engine, probe_timeout=config.probe_timeout)
-    accounts = AccountService(
-        Accounts(engine),
-        TokenAuthority(config.keys, ttl_seconds=config.access_ttl),
-        EventPublisher(nc.jetstream()),
+    js = nc.jetstream()
+    events = EventPublisher(js)
+    authority = TokenAuthority(config.keys, ttl_seconds=config.access_ttl)
+    projection = Projection(engine, js, replicas=config.stream_replicas)
+    await projection.start()
+    resync = asyncio.create_task(_resync(projection)) if config.resync_access else None
+    if resync is not None:
+        # Serve with the bucket current when the database answers; keep trying when not.
+        await asyncio.wait([resync], timeout=config.probe_timeout * 5)
+    view = AccessView(js, replicas=config.stream_replicas)
+    await view.start()
+    usage = UsageRecorder(engine)
+    await usage.start()
+    limiter = RateLimiter(await declare_bucket(js, topology.rate_bucket(config.stream_replicas)))
+    gatekeeper = Gatekeeper(
+        authority,
+        view,
+        limiter,
+        usage,
+        trusted_proxies=[
+            parse_network(cidr, field="GPUPROXY_TRUSTED_PROXIES") for cidr in config.trusted_proxies
+        ],
     )
+    accounts = AccountService(Accounts(engine), ApiKeys(engine), projection, authority, events)
+    ip_access = IpAccess(engine, projection, events)
 
     server = grpc.aio.server(
-        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        interceptors=[GuardInterceptor(gatekeeper, GRPC_METHODS)],
+        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 * 1024 * 1024)],
     )
     pb_grpc.add_GPUProxyServiceServicer_to_server(
         GPUProxyService(caller, checks, accounts, config), server
@@ -88,12 +138,15 @@ async def serve(
 
     http = _HttpServer(
         uvicorn.Config(
-            build_app(caller, checks, accounts, config),
+            build_app(caller, checks, HttpGuard(gatekeeper), accounts, ip_access, config),
             host=config.bind,
             port=config.http_port,
             log_level=config.log_level.lower(),
             access_log=False,
             lifespan="off",
+            # Forwarded headers count only from GPUPROXY_TRUSTED_PROXIES, read by the guard;
+            # uvicorn's own rewriting would trust any local peer.
+            proxy_headers=False,
         )
     )
     http_task = asyncio.create_task(http.serve(), name="http")
@@ -121,7 +174,11 @@ async def serve(
     await health_servicer.enter_graceful_shutdown()
     http.should_exit = True
     await asyncio.gather(server.stop(GRACE_SECONDS), http_task, return_exceptions=True)
+    if resync is not None:
+        resync.cancel()
     await caller.stop()
+    await usage.stop()
+    await view.stop()
     await nc.drain()
     await engine.dispose()
     log.info("gateway %s stopped", config.gateway_id)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from nats.nuid import NUID
 
 from schemas import subjects
@@ -13,15 +15,20 @@ _ids = NUID()
 """nats-py's unique ids: random per process, then sequential; a fraction of uuid4's cost."""
 
 
-def command_id(idempotency_key: str | None, *, field: str) -> str:
-    """The client's idempotency key when it sent one, a fresh id otherwise."""
+def command_id(idempotency_key: str | None, *, field: str, owner: str) -> str:
+    """A fresh id, or one derived from the client's idempotency key and the caller.
+
+    Keys are scoped to their caller: two users who pick the same key get different
+    commands, so nobody is ever answered with another account's result.
+    """
     if not idempotency_key:
         return _ids.next().decode()
     if not subjects.TOKEN.fullmatch(idempotency_key):
         raise InvalidArgument(
             "must be 1 to 64 characters of letters, digits, '-' or '_'", field=field
         )
-    return idempotency_key
+    scoped = hashlib.blake2b(f"{owner}\x00{idempotency_key}".encode(), digest_size=16)
+    return f"k{scoped.hexdigest()}"
 
 
 def worker_kind(value: str, *, field: str = "worker_kind") -> WorkerKind:

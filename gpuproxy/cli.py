@@ -166,6 +166,7 @@ def gateway() -> None:
             request_timeout=settings.request_timeout,
             stream_replicas=settings.stream_replicas,
             log_level=settings.log_level,
+            trusted_proxies=settings.trusted_proxies,
         )
         _run(_gateway_main(config))
     except GpuproxyError as exc:
@@ -252,7 +253,13 @@ def migrate_command() -> None:
 )
 @click.option("--kind", "worker_kind", default="provisioner", show_default=True)
 @click.option("--message", default="hello", show_default=True)
-def ping(target: str | None, worker_kind: str, message: str) -> None:
+@click.option(
+    "--api-key",
+    envvar="GPUPROXY_API_KEY",
+    default=None,
+    help="an API key (or set GPUPROXY_API_KEY); ping needs a credential",
+)
+def ping(target: str | None, worker_kind: str, message: str, api_key: str | None) -> None:
     """Send a ping through the gateway, JetStream and a worker, and print who answered."""
     import grpc
 
@@ -264,7 +271,11 @@ def ping(target: str | None, worker_kind: str, message: str) -> None:
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.GPUProxyServiceStub(channel)
         try:
-            reply = stub.Ping(pb.PingRequest(message=message, worker_kind=worker_kind), timeout=10)
+            reply = stub.Ping(
+                pb.PingRequest(message=message, worker_kind=worker_kind),
+                timeout=10,
+                metadata=(("x-api-key", api_key),) if api_key else None,
+            )
         except grpc.RpcError as exc:
             click.echo(f"gpuproxy: ping failed: {exc.code().name}: {exc.details()}", err=True)
             sys.exit(1)

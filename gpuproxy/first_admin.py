@@ -25,7 +25,8 @@ async def _ensure(database_url: str, email: str, password: str) -> bool:
         accounts = Accounts(engine)
         if await accounts.has_admin():
             return False
-        await accounts.register(email, password, role="admin")
+        # The operator's own account: no rate limit (it can grant limits to others, not itself).
+        await accounts.register(email, password, role="admin", rate_limit_per_minute=0)
         return True
     finally:
         await engine.dispose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import uuid
@@ -29,6 +30,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     worker_window: int
     drain_timeout: float
     request_timeout: float
+    trusted_proxies: tuple[str, ...] = ()
 
 
 DEFAULTS: dict[str, str] = {
@@ -110,6 +112,21 @@ def _database_url(env: Mapping[str, str], data_dir: Path) -> str:
     )
 
 
+def _trusted_proxies(env: Mapping[str, str]) -> tuple[str, ...]:
+    found = []
+    for part in env.get("GPUPROXY_TRUSTED_PROXIES", "").split(","):
+        if not part.strip():
+            continue
+        try:
+            found.append(str(ipaddress.ip_network(part.strip(), strict=False)))
+        except ValueError:
+            raise ConfigError(
+                f"{part.strip()!r} is not an IP address or CIDR range",
+                field="GPUPROXY_TRUSTED_PROXIES",
+            ) from None
+    return tuple(found)
+
+
 def load(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     data_dir = Path(env.get("GPUPROXY_DATA_DIR", DEFAULTS["GPUPROXY_DATA_DIR"])).absolute()
@@ -131,6 +148,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         worker_window=_int(env, "GPUPROXY_WORKER_WINDOW", 1, 4096),
         drain_timeout=_seconds(env, "GPUPROXY_DRAIN_TIMEOUT", 0, 3600),
         request_timeout=_seconds(env, "GPUPROXY_REQUEST_TIMEOUT", 0.1, 3600),
+        trusted_proxies=_trusted_proxies(env),
     )
 
 

@@ -50,6 +50,10 @@ class GpuproxyError(Exception):
         self.message = message
         self.field = field
 
+    def headers(self) -> dict[str, str]:
+        """Extra answer headers (HTTP) or trailing metadata (gRPC), e.g. `Retry-After`."""
+        return {}
+
     def to_info(self) -> ErrorInfo:
         return ErrorInfo(
             code=self.code, message=self.message, field=self.field, retriable=self.retriable

@@ -56,6 +56,42 @@ class SessionEnded(EventBase, frozen=True, kw_only=True, tag="session.ended"):
     """`logout`, or `reuse` when a rotated refresh token came back and the chain was revoked."""
 
 
+class ApiKeyCreated(EventBase, frozen=True, kw_only=True, tag="apikey.created"):
+    """A key was minted. Carries its public id and scopes, never its secret or digest."""
+
+    user_id: str
+    key_id: str
+    name: str
+    scopes: tuple[str, ...]
+    expires_at_ms: int | None = None
+
+
+class ApiKeyRevoked(EventBase, frozen=True, kw_only=True, tag="apikey.revoked"):
+    user_id: str
+    key_id: str
+
+
+class UserUpdated(EventBase, frozen=True, kw_only=True, tag="user.updated"):
+    """An admin changed a user's role, status or limit; `changed` names the fields."""
+
+    user_id: str
+    changed: tuple[str, ...]
+    role: str
+    disabled: bool
+    rate_limit_per_minute: int
+
+
+class IpAccessChanged(EventBase, frozen=True, kw_only=True, tag="ipaccess.changed"):
+    """A user's address lists or their mode changed."""
+
+    user_id: str
+    change: str
+    """`config`, `allowlist.added`, `allowlist.removed`, `denylist.added`, `denylist.removed`."""
+    mode: str
+    entry_id: str = ""
+    cidr: str = ""
+
+
 Event = (
     WorkerStarted
     | WorkerStopped
@@ -63,6 +99,10 @@ Event = (
     | UserRegistered
     | SessionStarted
     | SessionEnded
+    | ApiKeyCreated
+    | ApiKeyRevoked
+    | UserUpdated
+    | IpAccessChanged
 )
 
 

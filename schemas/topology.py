@@ -44,6 +44,16 @@ RESULTS_BUCKET = "gpuproxy-results"
 """Terminal answers by command id: a redelivered or repeated command is answered from here
 instead of being carried out twice."""
 
+ACCESS_BUCKET = "gpuproxy-access"
+"""Who may do what (`schemas.access`): users and API keys, watched by every gateway."""
+ENDED_SESSIONS_BUCKET = "gpuproxy-ended-sessions"
+"""Sessions ended by logout or reuse; their access tokens are refused until they expire."""
+RATE_BUCKET = "gpuproxy-rate"
+"""Requests taken per credential per minute, shared by all gateway replicas."""
+
+MAX_ACCESS_TTL_SECONDS = 24 * 3600
+"""The longest an access token may live; ended sessions are remembered a little longer."""
+
 DEDUPE_WINDOW_SECONDS = 600.0
 """How long the same command id (idempotency key) is recognised as a repeat."""
 
@@ -89,3 +99,20 @@ def results_bucket(replicas: int = 1) -> KeyValueSpec:
     return KeyValueSpec(
         bucket=RESULTS_BUCKET, ttl_seconds=DEDUPE_WINDOW_SECONDS * 2, replicas=replicas
     )
+
+
+def access_bucket(replicas: int = 1) -> KeyValueSpec:
+    return KeyValueSpec(bucket=ACCESS_BUCKET, ttl_seconds=0.0, replicas=replicas)
+
+
+def ended_sessions_bucket(replicas: int = 1) -> KeyValueSpec:
+    return KeyValueSpec(
+        bucket=ENDED_SESSIONS_BUCKET,
+        ttl_seconds=MAX_ACCESS_TTL_SECONDS + 3600.0,
+        replicas=replicas,
+    )
+
+
+def rate_bucket(replicas: int = 1) -> KeyValueSpec:
+    # A window's counter is read for one minute; two more cover clocks that disagree a little.
+    return KeyValueSpec(bucket=RATE_BUCKET, ttl_seconds=180.0, replicas=replicas)

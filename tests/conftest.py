@@ -171,3 +171,13 @@ def migrated_database(database_url: str) -> str:
 
     migrate.upgrade(database_url)
     return database_url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def any_database(request: pytest.FixtureRequest, sqlite_url: str) -> str:
+    """A migrated database of each kind in turn: SQLite, then a fresh PostgreSQL one."""
+    from gpuproxy import migrate
+
+    url = sqlite_url if request.param == "sqlite" else request.getfixturevalue("postgres_database")
+    migrate.upgrade(url)
+    return url

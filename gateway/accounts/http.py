@@ -1,14 +1,25 @@
-"""HTTP routes of accounts: /api/v1/auth/register, login, refresh, logout (public routes)."""
+"""HTTP routes of accounts and access: auth, API keys, users (admin), address lists, export.
+
+Every route is made through the guard with its requirement. `?user_id=` lets an admin act
+on another account; for anyone else another account's things answer 404, as if absent.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.accounts.service import AccountService
+from gateway.accounts.ip_access import LISTS, ConfigChange, IpAccess, NewEntry
+from gateway.accounts.service import AccountService, KeyRequest, UserChange
+from gateway.auth import addresses, principal
+from gateway.auth.http_guard import HttpGuard, presented_by
+from gateway.auth.policy import ADMIN, PUBLIC, SESSION, Requirement
 from gateway.http_io import body, json_response
+from schemas.errors import InvalidArgument
 
 
 class Credentials(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -20,7 +31,34 @@ class RefreshBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     refresh_token: str
 
 
-def routes(service: AccountService) -> list[Route]:
+class CheckBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    ip_address: str
+
+
+def _int_query(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidArgument("must be a whole number", field=name) from None
+    if not low <= value <= high:
+        raise InvalidArgument(f"must be between {low} and {high}", field=name)
+    return value
+
+
+def routes(guard: HttpGuard, service: AccountService, ip_access: IpAccess) -> list[Route]:
+    async def owner(request: Request) -> str:
+        """The account a request acts on: the caller's, or `?user_id=` for an admin."""
+        caller = principal.current()
+        wanted = request.query_params.get("user_id") or caller.user_id
+        if wanted != caller.user_id:
+            await service.user(caller, wanted)  # NotFound unless admin and it exists
+        return wanted
+
+    # --- public: sessions -----------------------------------------------------------------
+
     async def register(request: Request) -> Response:
         credentials = await body(request, Credentials)
         user_id, email = await service.register(credentials.email, credentials.password)
@@ -39,9 +77,133 @@ def routes(service: AccountService) -> list[Route]:
         await service.logout(presented.refresh_token)
         return Response(status_code=204)
 
+    # --- API keys ---------------------------------------------------------------------------
+
+    async def create_key(request: Request) -> Response:
+        made = await service.create_key(principal.current(), await body(request, KeyRequest))
+        answer = {"api_key": made.api_key, **msgspec.structs.asdict(made.info)}
+        return json_response(201, answer)
+
+    async def list_keys(request: Request) -> Response:
+        keys = await service.keys_of(principal.current(), await owner(request))
+        return json_response(200, {"api_keys": keys})
+
+    async def revoke_key(request: Request) -> Response:
+        revoked = await service.revoke_key(principal.current(), request.path_params["key_id"])
+        return json_response(200, revoked)
+
+    # --- the caller ---------------------------------------------------------------------------
+
+    async def me(request: Request) -> Response:
+        caller = principal.current()
+        user = await service.user(caller, caller.user_id)
+        return json_response(
+            200,
+            {
+                **msgspec.structs.asdict(user),
+                "via": caller.via,
+                "scopes": sorted(caller.scopes),
+                "key_id": caller.key_id,
+            },
+        )
+
+    async def export(request: Request) -> Response:
+        caller = principal.current()
+        data: dict[str, Any] = await service.export(caller)
+        data["ip_access"] = {
+            "config": await ip_access.config(caller.user_id),
+            "allowlist": await ip_access.entries(caller.user_id, "allow"),
+            "denylist": await ip_access.entries(caller.user_id, "deny"),
+            "log": await ip_access.log(caller.user_id, limit=1000),
+        }
+        return json_response(200, data)
+
+    # --- users (admin) ----------------------------------------------------------------------
+
+    async def list_users(request: Request) -> Response:
+        limit = _int_query(request, "limit", 100, 1, 1000)
+        offset = _int_query(request, "offset", 0, 0, 10**9)
+        users, total = await service.users(principal.current(), limit=limit, offset=offset)
+        return json_response(200, {"users": users, "total_count": total})
+
+    async def get_user(request: Request) -> Response:
+        return json_response(
+            200, await service.user(principal.current(), request.path_params["user_id"])
+        )
+
+    async def update_user(request: Request) -> Response:
+        change = await body(request, UserChange)
+        updated = await service.update_user(
+            principal.current(), request.path_params["user_id"], change
+        )
+        return json_response(200, updated)
+
+    # --- address lists ----------------------------------------------------------------------
+
+    async def get_config(request: Request) -> Response:
+        return json_response(200, await ip_access.config(await owner(request)))
+
+    async def put_config(request: Request) -> Response:
+        change = await body(request, ConfigChange)
+        address = guard.gatekeeper.address_of(presented_by(request))
+        config = await ip_access.set_config(
+            principal.current(), await owner(request), change, address
+        )
+        return json_response(200, config)
+
+    def list_routes(which: str) -> list[Route]:
+        async def entries(request: Request) -> Response:
+            found = await ip_access.entries(await owner(request), which)
+            return json_response(200, {"entries": found, "total_count": len(found)})
+
+        async def add(request: Request) -> Response:
+            new = await body(request, NewEntry)
+            entry = await ip_access.add(principal.current(), await owner(request), which, new)
+            return json_response(201, entry)
+
+        async def remove(request: Request) -> Response:
+            await ip_access.remove(principal.current(), which, request.path_params["entry_id"])
+            return Response(status_code=204)
+
+        base = f"/api/v1/ip-access/{which}list"
+        return [
+            guard.route(base, entries, methods=["GET"], requirement=SESSION),
+            guard.route(base, add, methods=["POST"], requirement=SESSION),
+            guard.route(f"{base}/{{entry_id}}", remove, methods=["DELETE"], requirement=SESSION),
+        ]
+
+    async def check(request: Request) -> Response:
+        wanted = await body(request, CheckBody)
+        address = addresses.parse_address(wanted.ip_address, field="ip_address")
+        return json_response(200, await ip_access.check(await owner(request), address))
+
+    async def access_log(request: Request) -> Response:
+        limit = _int_query(request, "limit", 100, 1, 1000)
+        found = await ip_access.log(await owner(request), limit=limit)
+        return json_response(200, {"entries": found})
+
+    def public(path: str, endpoint: Any) -> Route:
+        return guard.route(path, endpoint, methods=["POST"], requirement=PUBLIC)
+
+    def signed_in(path: str, endpoint: Any, method: str, rule: Requirement = SESSION) -> Route:
+        return guard.route(path, endpoint, methods=[method], requirement=rule)
+
     return [
-        Route("/api/v1/auth/register", register, methods=["POST"]),
-        Route("/api/v1/auth/login", login, methods=["POST"]),
-        Route("/api/v1/auth/refresh", refresh, methods=["POST"]),
-        Route("/api/v1/auth/logout", logout, methods=["POST"]),
+        public("/api/v1/auth/register", register),
+        public("/api/v1/auth/login", login),
+        public("/api/v1/auth/refresh", refresh),
+        public("/api/v1/auth/logout", logout),
+        signed_in("/api/v1/auth/apikey", create_key, "POST"),
+        signed_in("/api/v1/auth/apikeys", list_keys, "GET"),
+        signed_in("/api/v1/auth/apikeys/{key_id}", revoke_key, "DELETE"),
+        signed_in("/api/v1/user/me", me, "GET", Requirement()),
+        signed_in("/api/v1/user/export", export, "GET"),
+        signed_in("/api/v1/admin/users", list_users, "GET", ADMIN),
+        signed_in("/api/v1/admin/users/{user_id}", get_user, "GET", ADMIN),
+        signed_in("/api/v1/admin/users/{user_id}", update_user, "PATCH", ADMIN),
+        signed_in("/api/v1/ip-access/config", get_config, "GET"),
+        signed_in("/api/v1/ip-access/config", put_config, "PUT"),
+        *(route for which in LISTS for route in list_routes(which)),
+        signed_in("/api/v1/ip-access/check", check, "POST"),
+        signed_in("/api/v1/ip-access/log", access_log, "GET"),
     ]

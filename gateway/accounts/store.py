@@ -16,13 +16,13 @@ import uuid
 from typing import Any, cast
 
 import msgspec
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gateway.accounts.tables import RefreshToken, User
 from gateway.auth import passwords
-from schemas.errors import AlreadyExists, InvalidArgument, Unauthenticated
+from schemas.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
 
 DEFAULT_RATE_LIMIT = 100
 """Requests per minute for a new user, as in the original daemon."""
@@ -40,17 +40,43 @@ class SessionReused(Unauthenticated):
         *,
         field: str = "",
         user_id: str = "",
+        family: str = "",
     ) -> None:
         super().__init__(message, field=field)
         self.user_id = user_id
+        self.family = family
 
 
 class Session(msgspec.Struct, frozen=True, kw_only=True):
     user_id: str
     email: str
     role: str
+    family: str
+    """The chain's id: access tokens name it (`sid`), so ending the chain ends them too."""
     refresh_token: str
     """Given to the client, never stored."""
+
+
+class UserInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A user as the API shows one: everything but the password hash."""
+
+    id: str
+    email: str
+    role: str
+    disabled: bool
+    rate_limit_per_minute: int
+    created_at_ms: int
+
+
+def user_info(user: User) -> UserInfo:
+    return UserInfo(
+        id=user.id,
+        email=user.email,
+        role=user.role,
+        disabled=user.disabled,
+        rate_limit_per_minute=user.rate_limit_per_minute,
+        created_at_ms=user.created_at_ms,
+    )
 
 
 def _now_ms() -> int:
@@ -72,7 +98,14 @@ class Accounts:
     def __init__(self, engine: AsyncEngine) -> None:
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
 
-    async def register(self, email: str, password: str, *, role: str = "user") -> User:
+    async def register(
+        self,
+        email: str,
+        password: str,
+        *,
+        role: str = "user",
+        rate_limit_per_minute: int = DEFAULT_RATE_LIMIT,
+    ) -> User:
         email = normal_email(email)
         passwords.check_new(password)
         user = User(
@@ -81,8 +114,10 @@ class Accounts:
             password_hash=await passwords.hash_password(password),
             role=role,
             disabled=False,
-            rate_limit_per_minute=DEFAULT_RATE_LIMIT,
+            rate_limit_per_minute=rate_limit_per_minute,
             created_at_ms=_now_ms(),
+            ip_mode="disabled",
+            ip_audit=False,
         )
         async with self._sessions.begin() as db:
             db.add(user)
@@ -119,7 +154,11 @@ class Accounts:
         async with self._sessions.begin() as db:
             db.add(self._link(token_id, token_id, user.id, secret))
         return Session(
-            user_id=user.id, email=user.email, role=user.role, refresh_token=f"{token_id}.{secret}"
+            user_id=user.id,
+            email=user.email,
+            role=user.role,
+            family=token_id,
+            refresh_token=f"{token_id}.{secret}",
         )
 
     async def rotate(self, refresh_token: str) -> Session:
@@ -137,7 +176,7 @@ class Accounts:
                 # Committed before the refusal: raising inside the transaction would undo it.
                 await self._revoke_family(db, link.family, now)
         if reused:
-            raise SessionReused(user_id=link.user_id)
+            raise SessionReused(user_id=link.user_id, family=link.family)
         async with self._sessions.begin() as db:
             # Claim the token with one conditional write: of concurrent refreshes with the
             # same token exactly one changes the row, on SQLite (no row locks) as on PostgreSQL.
@@ -161,18 +200,81 @@ class Accounts:
             user_id=user.id,
             email=user.email,
             role=user.role,
+            family=link.family,
             refresh_token=f"{next_id}.{next_secret}",
         )
 
-    async def end_session(self, refresh_token: str) -> str:
-        """Revoke the chain the token belongs to; returns the user it belonged to."""
+    async def end_session(self, refresh_token: str) -> tuple[str, str]:
+        """Revoke the chain the token belongs to; returns its user and the chain's id."""
         token_id, secret = self._split(refresh_token)
         async with self._sessions.begin() as db:
             link = await db.get(RefreshToken, token_id)
             if link is None or not hmac.compare_digest(link.digest, _digest(secret)):
                 raise Unauthenticated("the refresh token is not valid")
             await self._revoke_family(db, link.family, _now_ms())
-            return link.user_id
+            return link.user_id, link.family
+
+    async def user(self, user_id: str) -> UserInfo:
+        async with self._sessions() as db:
+            user = await db.get(User, user_id)
+        if user is None:
+            raise NotFound("no such user", field="user_id")
+        return user_info(user)
+
+    async def users(self, *, limit: int, offset: int) -> tuple[list[UserInfo], int]:
+        async with self._sessions() as db:
+            total = (await db.execute(select(func.count()).select_from(User))).scalar_one()
+            rows = await db.execute(
+                select(User).order_by(User.created_at_ms, User.id).limit(limit).offset(offset)
+            )
+            return [user_info(u) for u in rows.scalars()], int(total)
+
+    async def update_user(
+        self,
+        user_id: str,
+        *,
+        role: str | None,
+        disabled: bool | None,
+        rate_limit_per_minute: int | None,
+    ) -> UserInfo:
+        changes: dict[str, Any] = {}
+        if role is not None:
+            changes["role"] = role
+        if disabled is not None:
+            changes["disabled"] = disabled
+        if rate_limit_per_minute is not None:
+            changes["rate_limit_per_minute"] = rate_limit_per_minute
+        async with self._sessions.begin() as db:
+            if changes:
+                await db.execute(update(User).where(User.id == user_id).values(**changes))
+            user = await db.get(User, user_id)
+            if user is None:
+                raise NotFound("no such user", field="user_id")
+            if disabled:
+                # A disabled account's sessions end for good, not only while it stays disabled.
+                await db.execute(
+                    update(RefreshToken)
+                    .where(RefreshToken.user_id == user_id, RefreshToken.revoked_at_ms.is_(None))
+                    .values(revoked_at_ms=_now_ms())
+                )
+            return user_info(user)
+
+    async def sessions_of(self, user_id: str) -> list[dict[str, Any]]:
+        """The user's sessions (chains), for their export: ids and times, no digests."""
+        async with self._sessions() as db:
+            rows = await db.execute(
+                select(RefreshToken)
+                .where(RefreshToken.user_id == user_id, RefreshToken.id == RefreshToken.family)
+                .order_by(RefreshToken.created_at_ms)
+            )
+            return [
+                {
+                    "id": r.family,
+                    "started_at_ms": r.created_at_ms,
+                    "ended_at_ms": r.revoked_at_ms,
+                }
+                for r in rows.scalars()
+            ]
 
     async def has_admin(self) -> bool:
         async with self._sessions() as db:

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Boolean, ForeignKey, Integer, String
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -21,6 +29,8 @@ class User(Base):
     disabled: Mapped[bool] = mapped_column(Boolean)
     rate_limit_per_minute: Mapped[int] = mapped_column(Integer)
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
+    ip_mode: Mapped[str] = mapped_column(String(16), default="disabled")
+    ip_audit: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class RefreshToken(Base):
@@ -37,3 +47,53 @@ class RefreshToken(Base):
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
     used_at_ms: Mapped[int | None] = mapped_column(BigInteger)
     revoked_at_ms: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class ApiKey(Base):
+    """An API key: found by its public id, checked against the digest of its secret."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    """The public id, the middle part of `gpuproxy_<public id>_<secret>`."""
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    digest: Mapped[str] = mapped_column(String(64))
+    scopes: Mapped[str] = mapped_column(String(200))
+    """Space-separated, sorted."""
+    rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer)
+    expires_at_ms: Mapped[int | None] = mapped_column(BigInteger)
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+    last_used_at_ms: Mapped[int | None] = mapped_column(BigInteger)
+    revoked_at_ms: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class IpRuleRow(Base):
+    """One entry of a user's allowlist or denylist."""
+
+    __tablename__ = "ip_rules"
+    __table_args__ = (UniqueConstraint("user_id", "list", "cidr"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    list: Mapped[str] = mapped_column(String(8))
+    """`allow` or `deny`."""
+    cidr: Mapped[str] = mapped_column(String(64))
+    description: Mapped[str] = mapped_column(String(200))
+    expires_at_ms: Mapped[int | None] = mapped_column(BigInteger)
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class IpAccessLogRow(Base):
+    """One decision on a user's address lists."""
+
+    __tablename__ = "ip_access_log"
+    __table_args__ = (Index("ix_ip_access_log_user_at", "user_id", "at_ms"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    address: Mapped[str] = mapped_column(String(64))
+    allowed: Mapped[bool] = mapped_column(Boolean)
+    reason: Mapped[str] = mapped_column(String(200))
+    endpoint: Mapped[str] = mapped_column(String(200))
+    at_ms: Mapped[int] = mapped_column(BigInteger)

@@ -54,6 +54,10 @@ class Claims(msgspec.Struct, frozen=True, kw_only=True):
     scopes: tuple[str, ...]
     jti: str
     exp: int
+    sid: str = ""
+    """The session (refresh-token chain) the token was issued for."""
+    valid_until: float = 0.0
+    """When the token stops verifying: its expiry plus leeway, or its key's retirement."""
 
 
 class VerifyingKey(msgspec.Struct, frozen=True, kw_only=True):
@@ -146,7 +150,13 @@ class TokenAuthority:
         self._keys: Mapping[str, VerifyingKey] = {k.kid: k for k in ring.verifying}
 
     def issue(
-        self, subject: str, *, role: str, scopes: Sequence[str], now: float | None = None
+        self,
+        subject: str,
+        *,
+        role: str,
+        scopes: Sequence[str],
+        session: str = "",
+        now: float | None = None,
     ) -> str:
         issued = int(time.time() if now is None else now)
         claims = {
@@ -160,6 +170,8 @@ class TokenAuthority:
             "role": role,
             "scopes": list(scopes),
         }
+        if session:
+            claims["sid"] = session
         return jwt.encode(
             claims,
             self._ring.signing_key,
@@ -208,6 +220,11 @@ class TokenAuthority:
                     "scopes": payload.get("scopes", []),
                     "jti": payload.get("jti", ""),
                     "exp": payload["exp"],
+                    "sid": payload.get("sid", ""),
+                    "valid_until": min(
+                        float(payload["exp"]) + LEEWAY_SECONDS,
+                        key.not_after if key.not_after is not None else float("inf"),
+                    ),
                 },
                 Claims,
             )

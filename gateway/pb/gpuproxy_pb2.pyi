@@ -95,27 +95,49 @@ Global___LoginResponse: _TypeAlias = LoginResponse  # noqa: Y015
 
 @_typing.final
 class CreateAPIKeyRequest(_message.Message):
-    """Asks for a new API key."""
+    """Asks for a new API key. The caller must be signed in (a JWT, in `token` or in the
+    `authorization` metadata); API keys cannot make keys.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     TOKEN_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
+    EXPIRES_IN_DAYS_FIELD_NUMBER: _builtins.int
+    RATE_LIMIT_PER_MINUTE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Human-readable label of the key."""
     token: _builtins.str
     """Session token of the user who will own the key."""
+    expires_in_days: _builtins.int
+    """Days until the key expires; 0 means never."""
+    rate_limit_per_minute: _builtins.int
+    """The key's own limit in requests per minute, within the account's; unset means 100
+    (or the account's limit when that is lower).
+    """
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"inference", "gpus", "billing", "admin"; each must be one the caller holds.
+        Empty means every scope the caller holds.
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         token: _builtins.str = ...,
+        scopes: _abc.Iterable[_builtins.str] | None = ...,
+        expires_in_days: _builtins.int = ...,
+        rate_limit_per_minute: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_rate_limit_per_minute", b"_rate_limit_per_minute", "rate_limit_per_minute", b"rate_limit_per_minute"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rate_limit_per_minute", b"_rate_limit_per_minute", "expires_in_days", b"expires_in_days", "name", b"name", "rate_limit_per_minute", b"rate_limit_per_minute", "scopes", b"scopes", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__rate_limit_per_minute: _TypeAlias = _typing.Literal["rate_limit_per_minute"]  # noqa: Y015
+    _WhichOneofArgType__rate_limit_per_minute: _TypeAlias = _typing.Literal["_rate_limit_per_minute", b"_rate_limit_per_minute"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rate_limit_per_minute) -> _WhichOneofReturnType__rate_limit_per_minute | None: ...
 
 Global___CreateAPIKeyRequest: _TypeAlias = CreateAPIKeyRequest  # noqa: Y015
 
@@ -128,20 +150,36 @@ class CreateAPIKeyResponse(_message.Message):
     API_KEY_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    RATE_LIMIT_PER_MINUTE_FIELD_NUMBER: _builtins.int
     api_key: _builtins.str
+    """The whole key, `gpuproxy_<key_id>_<secret>`; it is never shown again."""
     name: _builtins.str
     created_at: _builtins.int
     """Creation time, Unix seconds."""
+    key_id: _builtins.str
+    """The key's public id: lists and revocation name the key by it."""
+    expires_at: _builtins.int
+    """Unix seconds; 0 means never."""
+    rate_limit_per_minute: _builtins.int
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
         api_key: _builtins.str = ...,
         name: _builtins.str = ...,
         created_at: _builtins.int = ...,
+        key_id: _builtins.str = ...,
+        scopes: _abc.Iterable[_builtins.str] | None = ...,
+        expires_at: _builtins.int = ...,
+        rate_limit_per_minute: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "created_at", b"created_at", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "created_at", b"created_at", "expires_at", b"expires_at", "key_id", b"key_id", "name", b"name", "rate_limit_per_minute", b"rate_limit_per_minute", "scopes", b"scopes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -97,7 +97,7 @@ async def test_reusing_a_rotated_refresh_token_ends_the_whole_session(accounts: 
 async def test_logout_revokes_the_session(accounts: Accounts) -> None:
     user = await accounts.register("ada@example.com", PASSWORD)
     session = await accounts.start_session(user)
-    assert await accounts.end_session(session.refresh_token) == user.id
+    assert await accounts.end_session(session.refresh_token) == (user.id, session.family)
     with pytest.raises(Unauthenticated, match="ended"):
         await accounts.rotate(session.refresh_token)
 

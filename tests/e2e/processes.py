@@ -11,10 +11,13 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.pb import gpuproxy_pb2 as pb
+from gateway.pb import gpuproxy_pb2_grpc as pb_grpc
 from tests.conftest import free_port
 
 
@@ -121,3 +124,54 @@ def alive(pids: set[int]) -> set[int]:
         if state != "Z":
             live.add(pid)
     return live
+
+
+def provisioned(env: Mapping[str, str]) -> str:
+    """Migrate the database of `env` and make an admin key there with no rate limit, as an
+    operator does before starting gateways on it; returns the key."""
+    import asyncio
+
+    from gpuproxy import migrate
+    from tests.e2e.system import operator_key
+
+    migrate.upgrade(env["DATABASE_URL"])
+    _, key, _ = asyncio.run(operator_key(env["NATS_URL"], env["DATABASE_URL"]))
+    return key
+
+
+def signed_in_key(target: str, email: str, password: str) -> str:
+    """Log in over gRPC and make an API key with every scope and no limit of its own."""
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.GPUProxyServiceStub(channel)
+        login = stub.Login(pb.LoginRequest(email=email, password=password), timeout=10)
+        made = stub.CreateAPIKey(
+            pb.CreateAPIKeyRequest(name="tests", token=login.token, rate_limit_per_minute=0),
+            timeout=10,
+        )
+    return str(made.api_key)
+
+
+class _Details:
+    def __init__(self, details: grpc.ClientCallDetails, metadata: list[tuple[str, str]]) -> None:
+        self.method = details.method
+        self.timeout = details.timeout
+        self.credentials = details.credentials
+        self.wait_for_ready = getattr(details, "wait_for_ready", None)
+        self.compression = getattr(details, "compression", None)
+        self.metadata = metadata
+
+
+class _KeyInterceptor(grpc.UnaryUnaryClientInterceptor):
+    def __init__(self, api_key: str) -> None:
+        self._api_key = api_key
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        metadata = list(details.metadata or ())
+        if not any(k in ("authorization", "x-api-key") for k, _ in metadata):
+            metadata.append(("x-api-key", self._api_key))
+        return continuation(_Details(details, metadata), request)
+
+
+def keyed_channel(target: str, api_key: str) -> grpc.Channel:
+    """A blocking channel that sends `x-api-key` on every call without a credential."""
+    return grpc.intercept_channel(grpc.insecure_channel(target), _KeyInterceptor(api_key))

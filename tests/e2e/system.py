@@ -7,19 +7,29 @@ import secrets
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
+import grpc
 import msgspec
 from faststream import FastStream
 
+from bus.connection import connect
+from gateway.accounts.keys import ApiKeys
+from gateway.accounts.projection import Projection
+from gateway.accounts.store import Accounts
 from gateway.auth.tokens import hmac_ring
 from gateway.config import GatewayConfig
+from gateway.database import engine_for
 from gateway.server import serve
+from schemas.access import SCOPES_BY_ROLE, Role
 from schemas.subjects import WorkerKind
 from tests.conftest import free_port
 from workers.billing.app import build as billing
 from workers.common.config import WorkerConfig
 from workers.provisioner.app import build as provisioner
 from workers.proxy.app import build as proxy
+
+OPERATOR_PASSWORD = "operator password 1"
 
 BUILDERS = {
     WorkerKind.PROVISIONER: provisioner,
@@ -30,6 +40,10 @@ BUILDERS = {
 
 class System(msgspec.Struct, kw_only=True):
     gateway: GatewayConfig
+    admin_id: str = ""
+    admin_email: str = ""
+    api_key: str = ""
+    """An admin's key with every scope and no rate limit, for tests about something else."""
 
     @property
     def grpc_target(self) -> str:
@@ -70,8 +84,15 @@ async def running_gateway(config: GatewayConfig) -> AsyncIterator[None]:
 
 @asynccontextmanager
 async def running_system(
-    nats_url: str, database_url: str, *, kinds: tuple[WorkerKind, ...] = tuple(WorkerKind)
+    nats_url: str,
+    database_url: str,
+    *,
+    kinds: tuple[WorkerKind, ...] = tuple(WorkerKind),
+    operator: bool = True,
+    trusted_proxies: tuple[str, ...] = (),
 ) -> AsyncIterator[System]:
+    """The system; with `operator`, an admin key for calls that need a credential (the
+    database must then be migrated and reachable)."""
     config = GatewayConfig(
         nats_url=nats_url,
         database_url=database_url,
@@ -81,9 +102,78 @@ async def running_system(
         grpc_port=free_port(),
         request_timeout=10.0,
         probe_timeout=2.0,
+        trusted_proxies=trusted_proxies,
     )
     async with AsyncExitStack() as stack:
         for kind in kinds:
             await stack.enter_async_context(worker_app(kind, nats_url))
         await stack.enter_async_context(running_gateway(config))
-        yield System(gateway=config)
+        if not operator:
+            yield System(gateway=config)
+            return
+        admin_id, api_key, email = await operator_key(nats_url, database_url)
+        yield System(gateway=config, admin_id=admin_id, api_key=api_key, admin_email=email)
+
+
+async def operator_key(
+    nats_url: str, database_url: str, *, role: str = "admin", rate_limit: int = 0
+) -> tuple[str, str, str]:
+    """A fresh account of `role` (password `OPERATOR_PASSWORD`) with a key holding all its
+    scopes, made the way the gateway makes them (SQL, then the access bucket); returns the
+    user id, the key and the email."""
+    engine = engine_for(database_url)
+    nc = await connect(nats_url, name="test-operator")
+    try:
+        projection = Projection(engine, nc.jetstream())
+        await projection.start()
+        user = await Accounts(engine).register(
+            f"{role}-{uuid.uuid4().hex[:8]}@example.com",
+            OPERATOR_PASSWORD,
+            role=role,
+            rate_limit_per_minute=rate_limit,
+        )
+        made = await ApiKeys(engine).create(
+            user.id,
+            name="tests",
+            scopes=SCOPES_BY_ROLE[Role(role)],
+            expires_at_ms=None,
+            rate_limit_per_minute=rate_limit or None,
+        )
+        await projection.user(user.id)
+        await projection.key(made.info.id)
+        return user.id, made.api_key, user.email
+    finally:
+        await nc.drain()
+        await engine.dispose()
+
+
+def _with_key(details: Any, api_key: str) -> Any:
+    metadata = list(details.metadata or ())
+    if not any(k in ("authorization", "x-api-key") for k, _ in metadata):
+        metadata.append(("x-api-key", api_key))
+    return details._replace(metadata=grpc.aio.Metadata(*metadata))
+
+
+# grpc.aio files an interceptor under the first call kind it implements: one class per kind.
+class _UnaryKey(grpc.aio.UnaryUnaryClientInterceptor):
+    """Adds `x-api-key` to every call that carries no credential of its own."""
+
+    def __init__(self, api_key: str) -> None:
+        self._api_key = api_key
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_key(details, self._api_key), request)
+
+
+class _StreamKey(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, api_key: str) -> None:
+        self._api_key = api_key
+
+    async def intercept_stream_stream(
+        self, continuation: Any, details: Any, request_iterator: Any
+    ) -> Any:
+        return await continuation(_with_key(details, self._api_key), request_iterator)
+
+
+def keyed_channel(target: str, api_key: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(target, interceptors=[_UnaryKey(api_key), _StreamKey(api_key)])

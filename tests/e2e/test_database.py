@@ -48,6 +48,7 @@ async def test_migrations_bring_postgres_to_head_and_running_them_again_changes_
 async def test_health_check_reports_postgres_reachable(
     nats_url: str, postgres_database: str
 ) -> None:
+    await asyncio.to_thread(migrate.upgrade, postgres_database)
     async with (
         running_system(nats_url, postgres_database) as system,
         grpc.aio.insecure_channel(system.grpc_target) as channel,
@@ -59,7 +60,7 @@ async def test_health_check_reports_postgres_reachable(
 async def test_an_unreachable_database_shows_in_health_without_its_password(nats_url: str) -> None:
     url = f"postgresql+asyncpg://gpuproxy:pw-not-for-logs@127.0.0.1:{free_port()}/none"
     async with (
-        running_system(nats_url, url) as system,
+        running_system(nats_url, url, operator=False) as system,
         grpc.aio.insecure_channel(system.grpc_target) as channel,
     ):
         answer = await pb_grpc.GPUProxyServiceStub(channel).HealthCheck(pb.HealthCheckRequest())

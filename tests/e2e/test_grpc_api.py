@@ -17,21 +17,21 @@ from gateway.pb import gpuproxy_pb2 as pb
 from gateway.pb import gpuproxy_pb2_grpc as pb_grpc
 from schemas import topology
 from schemas.subjects import WorkerKind
-from tests.e2e.system import System, running_system
+from tests.e2e.system import System, keyed_channel, running_system
 
-SERVED = {"HealthCheck", "Ping", "Login"}
+SERVED = {"HealthCheck", "Ping", "Login", "CreateAPIKey"}
 SERVICE = pb.DESCRIPTOR.services_by_name["GPUProxyService"]
 
 
 @pytest.fixture
-async def system(nats_url: str, database_url: str) -> AsyncIterator[System]:
-    async with running_system(nats_url, database_url) as running:
+async def system(nats_url: str, migrated_database: str) -> AsyncIterator[System]:
+    async with running_system(nats_url, migrated_database) as running:
         yield running
 
 
 @pytest.fixture
 async def channel(system: System) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(system.grpc_target) as open_channel:
+    async with keyed_channel(system.grpc_target, system.api_key) as open_channel:
         yield open_channel
 
 
@@ -62,10 +62,10 @@ async def test_health_check_reports_nats_jetstream_database_and_each_worker_kind
 
 
 async def test_health_check_says_degraded_and_names_the_silent_worker_kind(
-    nats_url: str, database_url: str
+    nats_url: str, migrated_database: str
 ) -> None:
     async with (
-        running_system(nats_url, database_url, kinds=(WorkerKind.PROXY,)) as running,
+        running_system(nats_url, migrated_database, kinds=(WorkerKind.PROXY,)) as running,
         grpc.aio.insecure_channel(running.grpc_target) as channel,
     ):
         answer = await pb_grpc.GPUProxyServiceStub(channel).HealthCheck(pb.HealthCheckRequest())

@@ -12,10 +12,12 @@ from tests.e2e.system import running_system
 
 
 @pytest.fixture
-async def http(nats_url: str, database_url: str) -> AsyncIterator[httpx.AsyncClient]:
+async def http(nats_url: str, migrated_database: str) -> AsyncIterator[httpx.AsyncClient]:
     async with (
-        running_system(nats_url, database_url) as system,
-        httpx.AsyncClient(base_url=system.http_base, timeout=10) as client,
+        running_system(nats_url, migrated_database) as system,
+        httpx.AsyncClient(
+            base_url=system.http_base, timeout=10, headers={"x-api-key": system.api_key}
+        ) as client,
     ):
         yield client
 
@@ -35,10 +37,10 @@ async def test_readiness_is_ready_when_every_part_answers(http: httpx.AsyncClien
 
 
 async def test_readiness_is_503_while_a_worker_kind_is_missing(
-    nats_url: str, database_url: str
+    nats_url: str, migrated_database: str
 ) -> None:
     async with (
-        running_system(nats_url, database_url, kinds=(WorkerKind.PROVISIONER,)) as system,
+        running_system(nats_url, migrated_database, kinds=(WorkerKind.PROVISIONER,)) as system,
         httpx.AsyncClient(base_url=system.http_base, timeout=10) as client,
     ):
         answer = await client.get("/readyz")

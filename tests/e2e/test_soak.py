@@ -8,12 +8,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
 import pytest
 
 from gateway.pb import gpuproxy_pb2 as pb
 from gateway.pb import gpuproxy_pb2_grpc as pb_grpc
-from tests.e2e.processes import gpuproxy, parts_env, wait_serving
+from tests.e2e.processes import gpuproxy, keyed_channel, parts_env, provisioned, wait_serving
 from tests.e2e.test_worker_crash import first_answer
 
 pytestmark = pytest.mark.soak
@@ -35,7 +34,7 @@ def test_every_call_is_answered_once_while_workers_keep_dying(
     with (
         gpuproxy(["gateway"], env, tmp_path / "gateway.log") as gateway,
         gpuproxy(["worker", "provisioner"], env, tmp_path / "steady.log"),
-        grpc.insecure_channel(target) as channel,
+        keyed_channel(target, provisioned(env)) as channel,
         ThreadPoolExecutor(8) as pool,
     ):
         wait_serving(target, gateway, tmp_path / "gateway.log")

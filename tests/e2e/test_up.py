@@ -17,7 +17,15 @@ import pytest
 from gateway.pb import gpuproxy_pb2 as pb
 from gateway.pb import gpuproxy_pb2_grpc as pb_grpc
 from tests.conftest import free_port
-from tests.e2e.processes import alive, children_of, gpuproxy, gpuproxy_env, wait_serving
+from tests.e2e.processes import (
+    alive,
+    children_of,
+    gpuproxy,
+    gpuproxy_env,
+    keyed_channel,
+    signed_in_key,
+    wait_serving,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -31,10 +39,23 @@ def healthy(stub: pb_grpc.GPUProxyServiceStub, timeout: float = 30) -> pb.Health
         time.sleep(0.2)
 
 
+ADMIN = ("ops@example.com", "an operator's long password")
+
+
 def start_up(tmp_path: Path) -> tuple[dict[str, str], str]:
     grpc_port = free_port()
-    env = gpuproxy_env(tmp_path, SERVER_PORT=str(free_port()), GRPC_PORT=str(grpc_port))
+    env = gpuproxy_env(
+        tmp_path,
+        SERVER_PORT=str(free_port()),
+        GRPC_PORT=str(grpc_port),
+        GPUPROXY_ADMIN_EMAIL=ADMIN[0],
+        GPUPROXY_ADMIN_PASSWORD=ADMIN[1],
+    )
     return env, f"127.0.0.1:{grpc_port}"
+
+
+def admin_channel(target: str) -> grpc.Channel:
+    return keyed_channel(target, signed_in_key(target, *ADMIN))
 
 
 def test_up_serves_a_ping_through_jetstream_and_stops_everything_on_sigterm(
@@ -42,8 +63,9 @@ def test_up_serves_a_ping_through_jetstream_and_stops_everything_on_sigterm(
 ) -> None:
     env, target = start_up(tmp_path)
     log = tmp_path / "up.log"
-    with gpuproxy(["up"], env, log) as up, grpc.insecure_channel(target) as channel:
+    with gpuproxy(["up"], env, log) as up:
         wait_serving(target, up, log)
+        channel = admin_channel(target)
         stub = pb_grpc.GPUProxyServiceStub(channel)
         health = healthy(stub)
         answer = stub.Ping(pb.PingRequest(message="first run", worker_kind="billing"), timeout=10)
@@ -77,8 +99,9 @@ def test_a_supervisor_killed_outright_leaves_no_process_behind(tmp_path: Path) -
 def test_up_starts_a_crashed_worker_again(tmp_path: Path) -> None:
     env, target = start_up(tmp_path)
     log = tmp_path / "up.log"
-    with gpuproxy(["up"], env, log) as up, grpc.insecure_channel(target) as channel:
+    with gpuproxy(["up"], env, log) as up:
         wait_serving(target, up, log)
+        channel = admin_channel(target)
         stub = pb_grpc.GPUProxyServiceStub(channel)
         before = stub.Ping(pb.PingRequest(worker_kind="proxy"), timeout=10)
         victim = int(before.worker_id.split("-")[-2])
@@ -97,12 +120,9 @@ def test_up_starts_a_crashed_worker_again(tmp_path: Path) -> None:
 def test_sigterm_lets_a_call_in_flight_finish_before_everything_stops(tmp_path: Path) -> None:
     env, target = start_up(tmp_path)
     log = tmp_path / "up.log"
-    with (
-        gpuproxy(["up"], env, log) as up,
-        grpc.insecure_channel(target) as channel,
-        ThreadPoolExecutor(1) as pool,
-    ):
+    with gpuproxy(["up"], env, log) as up, ThreadPoolExecutor(1) as pool:
         wait_serving(target, up, log)
+        channel = admin_channel(target)
         stub = pb_grpc.GPUProxyServiceStub(channel)
         healthy(stub)
         call = pool.submit(
@@ -132,6 +152,7 @@ def role_in(token: str) -> str:
 
 def test_a_fresh_up_makes_an_admin_and_shows_its_password_only_once(tmp_path: Path) -> None:
     env, target = start_up(tmp_path)
+    del env["GPUPROXY_ADMIN_EMAIL"], env["GPUPROXY_ADMIN_PASSWORD"]
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     with gpuproxy(["up"], env, first_log) as up:
         wait_serving(target, up, first_log)

@@ -14,7 +14,7 @@ from bus.connection import connect
 from gateway.pb import gpuproxy_pb2 as pb
 from gateway.pb import gpuproxy_pb2_grpc as pb_grpc
 from schemas import topology
-from tests.e2e.processes import gpuproxy, parts_env, wait_serving
+from tests.e2e.processes import gpuproxy, keyed_channel, parts_env, provisioned, wait_serving
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def test_a_command_whose_worker_is_killed_is_redelivered_and_answered_once(
     key = (("idempotency-key", "survives-a-crash"),)
     with (
         gpuproxy(["gateway"], env, tmp_path / "gateway.log") as gateway,
-        grpc.insecure_channel(target) as channel,
+        keyed_channel(target, provisioned(env)) as channel,
         ThreadPoolExecutor(1) as pool,
     ):
         wait_serving(target, gateway, tmp_path / "gateway.log")
@@ -93,7 +93,7 @@ def test_two_worker_processes_on_one_consumer_share_the_work(nats_url: str, tmp_
         gpuproxy(["gateway"], env, tmp_path / "gateway.log") as gateway,
         gpuproxy(["worker", "provisioner"], env, tmp_path / "a.log"),
         gpuproxy(["worker", "provisioner"], env, tmp_path / "b.log"),
-        grpc.insecure_channel(target) as channel,
+        keyed_channel(target, provisioned(env)) as channel,
         ThreadPoolExecutor(16) as pool,
     ):
         wait_serving(target, gateway, tmp_path / "gateway.log")

@@ -221,6 +221,21 @@ NON_MONEY_DOUBLES: frozenset[tuple[str, str]] = frozenset(
     }
 )
 
+# Fields added to messages of the original contract, on numbers it never used.
+ADDED_FIELDS: dict[str, FieldTable] = {
+    "CreateAPIKeyRequest": {
+        "scopes": (3, "repeated string"),
+        "expires_in_days": (4, "int32"),
+        "rate_limit_per_minute": (5, "int32"),
+    },
+    "CreateAPIKeyResponse": {
+        "key_id": (4, "string"),
+        "scopes": (5, "repeated string"),
+        "expires_at": (6, "int64"),
+        "rate_limit_per_minute": (7, "int32"),
+    },
+}
+
 NEW_MESSAGES: dict[str, FieldTable] = {
     "PingRequest": {
         "message": (1, "string"),
@@ -298,6 +313,8 @@ def expected_fields() -> dict[str, FieldTable]:
     tables = {name: dict(fields) for name, fields in ORIGINAL_FIELDS.items()}
     for (message, field), number in MONEY_MICROS_NUMBERS.items():
         tables[message][f"{field}_micros"] = (number, "int64")
+    for message, fields in ADDED_FIELDS.items():
+        tables[message].update(fields)
     tables.update(NEW_MESSAGES)
     return tables
 

@@ -15,17 +15,20 @@ KEY_FIELD = "Idempotency-Key"
 
 
 @pytest.mark.parametrize("key", ["order-42", "a", "A_b-9", "x" * 64])
-def test_a_valid_idempotency_key_becomes_the_command_id(key: str) -> None:
-    assert validation.command_id(key, field=KEY_FIELD) == key
+def test_a_valid_idempotency_key_gives_the_same_command_id_for_the_same_caller(key: str) -> None:
+    first = validation.command_id(key, field=KEY_FIELD, owner="ada")
+
+    assert validation.command_id(key, field=KEY_FIELD, owner="ada") == first
+    assert validation.command_id(key, field=KEY_FIELD, owner="bob") != first
+    assert len(first) <= 64
 
 
 @pytest.mark.parametrize("key", [None, ""])
 def test_without_an_idempotency_key_each_command_gets_a_fresh_id(key: str | None) -> None:
-    first = validation.command_id(key, field=KEY_FIELD)
-    second = validation.command_id(key, field=KEY_FIELD)
+    first = validation.command_id(key, field=KEY_FIELD, owner="ada")
+    second = validation.command_id(key, field=KEY_FIELD, owner="ada")
 
     assert first != second
-    assert validation.command_id(first, field=KEY_FIELD) == first
 
 
 @pytest.mark.parametrize(
@@ -47,21 +50,21 @@ def test_without_an_idempotency_key_each_command_gets_a_fresh_id(key: str | None
 )
 def test_an_idempotency_key_that_is_not_one_subject_token_is_refused(key: str) -> None:
     with pytest.raises(InvalidArgument) as caught:
-        validation.command_id(key, field=KEY_FIELD)
+        validation.command_id(key, field=KEY_FIELD, owner="ada")
 
     assert caught.value.field == KEY_FIELD
 
 
 def test_an_idempotency_key_ending_in_a_newline_is_refused() -> None:
     with pytest.raises(InvalidArgument) as caught:
-        validation.command_id("order-42\n", field=KEY_FIELD)
+        validation.command_id("order-42\n", field=KEY_FIELD, owner="ada")
 
     assert caught.value.field == KEY_FIELD
 
 
 def test_the_refusal_names_the_field_it_was_given() -> None:
     with pytest.raises(InvalidArgument) as caught:
-        validation.command_id("a.b", field="idempotency_key")
+        validation.command_id("a.b", field="idempotency_key", owner="ada")
 
     assert caught.value.field == "idempotency_key"
 

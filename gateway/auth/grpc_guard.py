@@ -1,0 +1,185 @@
+"""The gRPC side of the one authentication path: a server interceptor that wraps every
+method handler (unary and streaming alike) in the same `Gatekeeper.admit` as HTTP.
+
+Credentials come from `authorization: Bearer <JWT or API key>` or `x-api-key` metadata (or
+a request field the policy names). A method without a policy entry is refused outright.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from gateway.auth import principal
+from gateway.auth.addresses import grpc_peer_host
+from gateway.auth.gatekeeper import Admission, Gatekeeper, Presented
+from gateway.auth.policy import Requirement
+from gateway.errors import grpc_status
+from schemas.errors import GpuproxyError, PermissionDenied
+
+if TYPE_CHECKING:
+    Context = grpc.aio.ServicerContext[Any, Any]
+    Handler = grpc.RpcMethodHandler[Any, Any]
+
+
+def _presented(context: Context, request: Any, requirement: Requirement) -> Presented:
+    authorization = api_key = forwarded = None
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            authorization = str(value)
+        elif key == "x-api-key":
+            api_key = str(value)
+        elif key == "x-forwarded-for":
+            forwarded = str(value)
+    token_field = None
+    if requirement.token_field and request is not None:
+        token_field = str(getattr(request, requirement.token_field, "") or "") or None
+    return Presented(
+        authorization=authorization,
+        api_key=api_key,
+        peer_host=grpc_peer_host(context.peer()),
+        forwarded_for=forwarded,
+        token_field=token_field,
+    )
+
+
+class _Door:
+    """Admits one call of one method, or aborts it with the matching status."""
+
+    def __init__(self, gatekeeper: Gatekeeper, requirement: Requirement, method: str) -> None:
+        self._gatekeeper = gatekeeper
+        self._requirement = requirement
+        self._method = method
+
+    @contextlib.asynccontextmanager
+    async def admitted(self, context: Context, request: Any) -> AsyncIterator[None]:
+        """Run the handler as the admitted caller (see `principal.current`)."""
+        admission = await self.admit(context, request)
+        bound = principal.bind(admission.principal)
+        try:
+            yield
+        finally:
+            principal.unbind(bound)
+
+    async def admit(self, context: Context, request: Any = None) -> Admission:
+        try:
+            admission = await self._gatekeeper.admit(
+                _presented(context, request, self._requirement), self._requirement, self._method
+            )
+        except GpuproxyError as exc:
+            code, message = grpc_status(exc)
+            trailing = tuple((k.lower(), v) for k, v in exc.headers().items())
+            await context.abort(code, message, trailing_metadata=trailing)
+        if admission.quota is not None:
+            context.set_trailing_metadata(
+                tuple((k.lower(), v) for k, v in admission.headers().items())
+            )
+        return admission
+
+
+def _wrap_unary(door: _Door, behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    async def unary(request: Any, context: Context) -> Any:
+        async with door.admitted(context, request):
+            return await behaviour(request, context)
+
+    return unary
+
+
+def _wrap_streaming(
+    door: _Door, behaviour: Callable[..., Any], *, client_streams: bool
+) -> Callable[..., Any]:
+    # A streaming handler is either an async generator (yields replies) or a coroutine
+    # that writes through `context`; the wrapper must be the same kind. A client stream's
+    # messages are not read here: credentials come from metadata alone.
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def generator(request: Any, context: Context) -> AsyncIterator[Any]:
+            async with door.admitted(context, None if client_streams else request):
+                async for reply in behaviour(request, context):
+                    yield reply
+
+        return generator
+
+    async def coroutine(request: Any, context: Context) -> Any:
+        async with door.admitted(context, None if client_streams else request):
+            return await behaviour(request, context)
+
+    return coroutine
+
+
+def _refusing(handler: Handler, method: str) -> Handler:
+    async def refuse(request: Any, context: Context) -> None:
+        code, message = grpc_status(PermissionDenied(f"no access rule covers {method}"))
+        await context.abort(code, message)
+
+    return _rebuilt(handler, refuse, refuse, refuse, refuse)
+
+
+def _rebuilt(
+    handler: Handler,
+    unary_unary: Callable[..., Any],
+    unary_stream: Callable[..., Any],
+    stream_unary: Callable[..., Any],
+    stream_stream: Callable[..., Any],
+) -> Handler:
+    codec = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(unary_unary, **codec)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(unary_stream, **codec)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **codec)
+    return grpc.stream_stream_rpc_method_handler(stream_stream, **codec)
+
+
+class GuardInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, gatekeeper: Gatekeeper, policy: Mapping[str, Requirement]) -> None:
+        self._gatekeeper = gatekeeper
+        self._policy = policy
+        self._wrapped: dict[str, Handler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        method: str = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler  # an unknown method: grpc answers UNIMPLEMENTED itself
+        requirement = self._policy.get(method)
+        if requirement is None:
+            wrapped = _refusing(handler, method)
+        elif requirement.public:
+            wrapped = handler
+        else:
+            door = _Door(self._gatekeeper, requirement, method)
+            wrapped = _rebuilt(
+                handler,
+                _wrap_unary(door, handler.unary_unary) if handler.unary_unary else _never,
+                _wrap_streaming(door, handler.unary_stream, client_streams=False)
+                if handler.unary_stream
+                else _never,
+                _wrap_streaming(door, handler.stream_unary, client_streams=True)
+                if handler.stream_unary
+                else _never,
+                _wrap_streaming(door, handler.stream_stream, client_streams=True)
+                if handler.stream_stream
+                else _never,
+            )
+        self._wrapped[method] = wrapped
+        return wrapped
+
+
+async def _never(request: Any, context: Context) -> None:
+    raise AssertionError("a handler of another arity was called")
