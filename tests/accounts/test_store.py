@@ -10,25 +10,14 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from gateway.accounts.store import Accounts
-from gpuproxy import migrate
 from schemas.errors import AlreadyExists, InvalidArgument, Unauthenticated
 
 PASSWORD = "correct horse battery"
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database(request: pytest.FixtureRequest, sqlite_url: str) -> str:
-    """A migrated database of each kind: every test here runs on SQLite and on PostgreSQL."""
-    url: str = (
-        sqlite_url if request.param == "sqlite" else request.getfixturevalue("postgres_database")
-    )
-    migrate.upgrade(url)
-    return url
-
-
 @pytest.fixture
-async def accounts(database: str) -> AsyncIterator[Accounts]:
-    engine = create_async_engine(database)
+async def accounts(any_database: str) -> AsyncIterator[Accounts]:
+    engine = create_async_engine(any_database)
     yield Accounts(engine)
     await engine.dispose()
 
@@ -120,12 +109,12 @@ async def test_a_malformed_refresh_token_is_refused(accounts: Accounts, token: s
 
 
 async def test_passwords_and_refresh_secrets_are_never_stored_in_plain_text(
-    accounts: Accounts, database: str
+    accounts: Accounts, any_database: str
 ) -> None:
     user = await accounts.register("ada@example.com", PASSWORD)
     session = await accounts.start_session(user)
     secret = session.refresh_token.split(".", 1)[1]
-    engine = create_async_engine(database)
+    engine = create_async_engine(any_database)
     async with engine.connect() as connection:
         rows = [
             str(tuple(row))

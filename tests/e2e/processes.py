@@ -31,15 +31,14 @@ def gpuproxy_env(tmp_path: Path, **settings: str) -> dict[str, str]:
 def parts_env(tmp_path: Path, nats_url: str, **settings: str) -> tuple[dict[str, str], str]:
     """Settings for gateway and worker processes on `nats_url`, and the gateway's gRPC target."""
     grpc_port = free_port()
-    env = gpuproxy_env(
-        tmp_path,
-        NATS_URL=nats_url,
-        DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}",
-        SERVER_PORT=str(free_port()),
-        GRPC_PORT=str(grpc_port),
-        JWT_SECRET=secrets.token_urlsafe(48),
-        **settings,
-    )
+    defaults = {
+        "NATS_URL": nats_url,
+        "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}",
+        "SERVER_PORT": str(free_port()),
+        "GRPC_PORT": str(grpc_port),
+        "JWT_SECRET": secrets.token_urlsafe(48),
+    }
+    env = gpuproxy_env(tmp_path, **{**defaults, **settings})
     return env, f"127.0.0.1:{grpc_port}"
 
 

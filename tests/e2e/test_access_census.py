@@ -67,6 +67,16 @@ def bad_credentials(system: System) -> dict[str, tuple[tuple[str, str], ...]]:
     head, body, signature = good.split(".")
     stranger = TokenAuthority(hmac_ring(b"another-secret-0123456789-abcdefghij"))
     claims = {"sub": system.admin_id, "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 60}
+    ring = system.gateway.keys
+    secret = ring.signing_key
+    assert isinstance(secret, bytes)
+    header = {"alg": "HS256", "typ": "JWT", "kid": ring.signing_kid}
+
+    def signed(**changes: Any) -> tuple[tuple[str, str], ...]:
+        """Signed with our own secret, so only the claims are wrong."""
+        body = {k: v for k, v in {**claims, **changes}.items() if v is not None}
+        return (("authorization", f"Bearer {forge(header, body, secret)}"),)
+
     return {
         "none": (),
         "garbage bearer": (("authorization", "Bearer not-a-token"),),
@@ -82,6 +92,16 @@ def bad_credentials(system: System) -> dict[str, tuple[tuple[str, str], ...]]:
                 f"Bearer {ours.issue(system.admin_id, role='admin', scopes=[], now=now - 3600)}",
             ),
         ),
+        "no exp": signed(exp=None),
+        "no sub": signed(sub=None),
+        "no iss": signed(iss=None),
+        "no aud": signed(aud=None),
+        "wrong audience": signed(aud="someone-else"),
+        "issuer a prefix of ours": signed(iss=ISSUER[:-1]),
+        "unknown kid": (
+            ("authorization", f"Bearer {forge({**header, 'kid': 'nope'}, claims, secret)}"),
+        ),
+        "unknown user": signed(sub="0" * 32),
         "unknown api key": (("x-api-key", UNKNOWN_KEY),),
         "malformed api key": (("x-api-key", "gpuproxy_nope"),),
         "api key as bearer": (("authorization", f"Bearer {UNKNOWN_KEY}"),),

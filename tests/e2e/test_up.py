@@ -7,6 +7,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -65,16 +67,25 @@ def test_up_serves_a_ping_through_jetstream_and_stops_everything_on_sigterm(
     log = tmp_path / "up.log"
     with gpuproxy(["up"], env, log) as up:
         wait_serving(target, up, log)
-        channel = admin_channel(target)
-        stub = pb_grpc.GPUProxyServiceStub(channel)
+        key = signed_in_key(target, *ADMIN)
+        stub = pb_grpc.GPUProxyServiceStub(keyed_channel(target, key))
         health = healthy(stub)
         answer = stub.Ping(pb.PingRequest(message="first run", worker_kind="billing"), timeout=10)
+        cli = [sys.executable, "-m", "gpuproxy", "ping", "--target", target, "--kind", "proxy"]
+        by_cli = subprocess.run(
+            cli, env={**env, "GPUPROXY_API_KEY": key}, capture_output=True, text=True, timeout=60
+        )
+        refused = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=60)
         family = children_of(up.pid)
         up.send_signal(signal.SIGTERM)
         code = up.wait(60)
     assert health.status == "healthy", dict(health.details)
     assert health.details["nats"] == health.details["database"] == "ok"
     assert (answer.message, answer.worker_kind) == ("first run", "billing")
+    assert by_cli.returncode == 0, by_cli.stderr
+    assert "answered by proxy" in by_cli.stdout
+    assert refused.returncode == 1
+    assert "UNAUTHENTICATED" in refused.stderr
     assert len(family) >= 5, "nats-server, gateway and three workers"
     assert code == 0, log.read_text()
     assert not alive(family)
