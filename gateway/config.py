@@ -26,5 +26,7 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Seconds an access token lives; a refresh token gets the next one."""
     trusted_proxies: tuple[str, ...] = ()
     """CIDRs of reverse proxies whose `X-Forwarded-For` names the client."""
+    auth_attempts_per_minute: int = 60
+    """Sign-ins, registrations and refreshes per client address per minute; 0: no limit."""
     resync_access: bool = True
     """Bring the access bucket up to SQL at start (repairs a write cut short by a crash)."""

@@ -115,6 +115,7 @@ async def serve(
         trusted_proxies=[
             parse_network(cidr, field="GPUPROXY_TRUSTED_PROXIES") for cidr in config.trusted_proxies
         ],
+        attempts_per_minute=config.auth_attempts_per_minute,
     )
     accounts = AccountService(Accounts(engine), ApiKeys(engine), projection, authority, events)
     ip_access = IpAccess(engine, projection, events)

@@ -167,6 +167,7 @@ def gateway() -> None:
             stream_replicas=settings.stream_replicas,
             log_level=settings.log_level,
             trusted_proxies=settings.trusted_proxies,
+            auth_attempts_per_minute=settings.auth_attempts_per_minute,
         )
         _run(_gateway_main(config))
     except GpuproxyError as exc:

@@ -31,6 +31,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     drain_timeout: float
     request_timeout: float
     trusted_proxies: tuple[str, ...] = ()
+    auth_attempts_per_minute: int = 60
 
 
 DEFAULTS: dict[str, str] = {
@@ -46,6 +47,7 @@ DEFAULTS: dict[str, str] = {
     "GPUPROXY_WORKER_WINDOW": "64",
     "GPUPROXY_DRAIN_TIMEOUT": "20",
     "GPUPROXY_REQUEST_TIMEOUT": "30",
+    "GPUPROXY_AUTH_ATTEMPTS_PER_MINUTE": "60",
 }
 """Every setting with a default; NATS_URL and DATABASE_URL default to the embedded ones."""
 
@@ -149,6 +151,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         drain_timeout=_seconds(env, "GPUPROXY_DRAIN_TIMEOUT", 0, 3600),
         request_timeout=_seconds(env, "GPUPROXY_REQUEST_TIMEOUT", 0.1, 3600),
         trusted_proxies=_trusted_proxies(env),
+        auth_attempts_per_minute=_int(env, "GPUPROXY_AUTH_ATTEMPTS_PER_MINUTE", 0, 1_000_000),
     )
 
 

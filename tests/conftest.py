@@ -91,8 +91,14 @@ async def _purge(url: str) -> None:
     for stream in (topology.COMMAND_STREAM, topology.EVENT_STREAM):
         with contextlib.suppress(NotFoundError):
             await js.delete_stream(stream)
-    with contextlib.suppress(NotFoundError):
-        await js.delete_key_value(topology.RESULTS_BUCKET)
+    for bucket in (
+        topology.RESULTS_BUCKET,
+        topology.ACCESS_BUCKET,
+        topology.ENDED_SESSIONS_BUCKET,
+        topology.RATE_BUCKET,
+    ):
+        with contextlib.suppress(NotFoundError):
+            await js.delete_key_value(bucket)
     await nc.close()
 
 

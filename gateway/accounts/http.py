@@ -17,7 +17,7 @@ from gateway.accounts.ip_access import LISTS, ConfigChange, IpAccess, NewEntry
 from gateway.accounts.service import AccountService, KeyRequest, UserChange
 from gateway.auth import addresses, principal
 from gateway.auth.http_guard import HttpGuard, presented_by
-from gateway.auth.policy import ADMIN, PUBLIC, SESSION, Requirement
+from gateway.auth.policy import ADMIN, CREDENTIALS, SESSION, Requirement
 from gateway.http_io import body, json_response
 from schemas.errors import InvalidArgument
 
@@ -183,7 +183,7 @@ def routes(guard: HttpGuard, service: AccountService, ip_access: IpAccess) -> li
         return json_response(200, {"entries": found})
 
     def public(path: str, endpoint: Any) -> Route:
-        return guard.route(path, endpoint, methods=["POST"], requirement=PUBLIC)
+        return guard.route(path, endpoint, methods=["POST"], requirement=CREDENTIALS)
 
     def signed_in(path: str, endpoint: Any, method: str, rule: Requirement = SESSION) -> Route:
         return guard.route(path, endpoint, methods=[method], requirement=rule)

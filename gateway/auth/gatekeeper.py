@@ -80,12 +80,14 @@ class Gatekeeper:
         usage: Usage,
         *,
         trusted_proxies: Sequence[Network] = (),
+        attempts_per_minute: int = 0,
     ) -> None:
         self._authority = authority
         self._view = view
         self._limiter = limiter
         self._usage = usage
         self._trusted = tuple(trusted_proxies)
+        self._attempts = attempts_per_minute
         self._verified: dict[str, Claims] = {}
 
     def address_of(self, presented: Presented) -> Address:
@@ -95,6 +97,13 @@ class Gatekeeper:
         self, presented: Presented, requirement: Requirement, endpoint: str
     ) -> Admission:
         if requirement.public:
+            if requirement.per_address and self._attempts:
+                # KV keys allow no ':'; the address stays recognisable in the counter's name.
+                where = str(self.address_of(presented)).replace(":", "-")
+                quota = await self._limiter.take(
+                    f"address.{where}", self._attempts, what="signing in from this address"
+                )
+                return Admission(principal=None, quota=quota)
             return PUBLIC_ADMISSION
         now = time.time()
         principal, user = await self._identify(presented, requirement, now)
@@ -105,10 +114,10 @@ class Gatekeeper:
             raise PermissionDenied(
                 f"this call needs the {requirement.scope!s} scope, which this credential lacks"
             )
-        quota = await self._count(principal, user)
+        counted = await self._count(principal, user)
         if principal.key_id is not None:
             self._usage.key_used(principal.key_id, int(now * 1000))
-        return Admission(principal=principal, quota=quota)
+        return Admission(principal=principal, quota=counted)
 
     async def _identify(
         self, presented: Presented, requirement: Requirement, now: float

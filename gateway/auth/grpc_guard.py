@@ -160,7 +160,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         requirement = self._policy.get(method)
         if requirement is None:
             wrapped = _refusing(handler, method)
-        elif requirement.public:
+        elif requirement.public and not requirement.per_address:
             wrapped = handler
         else:
             door = _Door(self._gatekeeper, requirement, method)

@@ -17,9 +17,13 @@ class Requirement(msgspec.Struct, frozen=True, kw_only=True):
     """Only a signed-in session (a JWT), never an API key: what mints or manages credentials."""
     token_field: str = ""
     """A request field that may carry the JWT instead of metadata (CreateAPIKey's `token`)."""
+    per_address: bool = False
+    """Counted against the caller's address: public routes that check a password or token,
+    so guessing them costs the guesser (`GPUPROXY_AUTH_ATTEMPTS_PER_MINUTE`)."""
 
 
 PUBLIC = Requirement(public=True)
+CREDENTIALS = Requirement(public=True, per_address=True)
 SIGNED_IN = Requirement()
 SESSION = Requirement(sessions_only=True)
 INFERENCE = Requirement(scope=Scope.INFERENCE)
@@ -30,7 +34,7 @@ ADMIN = Requirement(scope=Scope.ADMIN)
 _SERVICE = "/gpuproxy.GPUProxyService/"
 
 GRPC_METHODS: dict[str, Requirement] = {
-    f"{_SERVICE}Login": PUBLIC,
+    f"{_SERVICE}Login": CREDENTIALS,
     f"{_SERVICE}HealthCheck": PUBLIC,
     f"{_SERVICE}CreateAPIKey": Requirement(
         sessions_only=True,

@@ -90,6 +90,7 @@ async def running_system(
     kinds: tuple[WorkerKind, ...] = tuple(WorkerKind),
     operator: bool = True,
     trusted_proxies: tuple[str, ...] = (),
+    auth_attempts_per_minute: int = 60,
 ) -> AsyncIterator[System]:
     """The system; with `operator`, an admin key for calls that need a credential (the
     database must then be migrated and reachable)."""
@@ -103,6 +104,7 @@ async def running_system(
         request_timeout=10.0,
         probe_timeout=2.0,
         trusted_proxies=trusted_proxies,
+        auth_attempts_per_minute=auth_attempts_per_minute,
     )
     async with AsyncExitStack() as stack:
         for kind in kinds:

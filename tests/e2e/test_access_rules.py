@@ -441,3 +441,28 @@ async def test_forwarded_for_from_an_untrusted_peer_is_ignored(
     spoofed = {**ada.session, "x-forwarded-for": "203.0.113.5"}
     await eventually(lambda: _status_is(ada, 403))
     assert (await ada.call("GET", "/api/v1/user/me", headers=spoofed)).status_code == 403
+
+
+async def test_guessing_passwords_from_one_address_is_slowed_on_both_doors(
+    nats_url: str, migrated_database: str
+) -> None:
+    await clear_of_a_new_minute()
+    async with (
+        running_system(nats_url, migrated_database, auth_attempts_per_minute=3) as system,
+        httpx.AsyncClient(base_url=system.http_base, timeout=10) as http,
+    ):
+        guess = {"email": "ada@example.com", "password": "guess guess guess"}
+        codes = [(await http.post("/api/v1/auth/login", json=guess)).status_code for _ in range(3)]
+        over = await http.post("/api/v1/auth/login", json=guess)
+        code, details, trailing = await grpc_status(
+            system, "Login", pb.LoginRequest(email="ada@example.com", password="x" * 12), ()
+        )
+        api_key_still_works = await http.get(
+            "/api/v1/user/me", headers={"x-api-key": system.api_key}
+        )
+    assert codes == [401, 401, 401]
+    assert over.status_code == 429
+    assert 1 <= int(over.headers["retry-after"]) <= 60
+    assert (code, "retry-after" in trailing) == (grpc.StatusCode.RESOURCE_EXHAUSTED, True)
+    assert "signing in from this address" in details
+    assert api_key_still_works.status_code == 200
