@@ -45,6 +45,7 @@ def parse_address(text: str, *, field: str) -> Address:
         raise InvalidArgument("is not an IP address", field=field) from None
 
 
+@functools.lru_cache(maxsize=65536)
 def _address(text: str) -> Address:
     address = ipaddress.ip_address(text)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:

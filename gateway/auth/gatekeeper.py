@@ -9,6 +9,7 @@ over the rate limit. Everything is decided from memory (`AccessView`); nothing h
 
 from __future__ import annotations
 
+import hmac
 import time
 from collections.abc import Sequence
 from typing import Protocol
@@ -22,7 +23,7 @@ from gateway.auth.principal import Principal, Via
 from gateway.auth.ratelimit import Quota, RateLimiter
 from gateway.auth.tokens import Claims, TokenAuthority
 from gateway.auth.view import AccessView
-from schemas.access import SCOPES_BY_ROLE, Scope, UserAccess
+from schemas.access import SCOPES_BY_ROLE, IpMode, KeyAccess, Scope, UserAccess
 from schemas.errors import PermissionDenied, Unauthenticated
 
 _VERIFIED_CACHE = 20_000
@@ -89,6 +90,7 @@ class Gatekeeper:
         self._trusted = tuple(trusted_proxies)
         self._attempts = attempts_per_minute
         self._verified: dict[str, Claims] = {}
+        self._checked_keys: dict[str, tuple[str, str]] = {}
 
     def address_of(self, presented: Presented) -> Address:
         return addresses.client_address(presented.peer_host, presented.forwarded_for, self._trusted)
@@ -106,29 +108,32 @@ class Gatekeeper:
                 return Admission(principal=None, quota=quota)
             return PUBLIC_ADMISSION
         now = time.time()
-        principal, user = await self._identify(presented, requirement, now)
-        self._check_address(principal, user, self.address_of(presented), endpoint, now)
+        principal, user, key = await self._identify(presented, requirement, now)
+        if user.ip_mode is not IpMode.DISABLED or user.ip_audit:
+            self._check_address(principal, user, self.address_of(presented), endpoint, now)
         if requirement.sessions_only and principal.via is Via.API_KEY:
             raise PermissionDenied("this call needs a signed-in session; API keys cannot make it")
         if requirement.scope is not None and requirement.scope not in principal.scopes:
             raise PermissionDenied(
                 f"this call needs the {requirement.scope!s} scope, which this credential lacks"
             )
-        counted = await self._count(principal, user)
+        counted = await self._count(user, key)
         if principal.key_id is not None:
             self._usage.key_used(principal.key_id, int(now * 1000))
         return Admission(principal=principal, quota=counted)
 
     async def _identify(
         self, presented: Presented, requirement: Requirement, now: float
-    ) -> tuple[Principal, UserAccess]:
+    ) -> tuple[Principal, UserAccess, KeyAccess | None]:
         key, token = _credential(presented, requirement)
         if key is not None:
             return await self._by_key(key, now)
         assert token is not None
         return await self._by_token(token, now)
 
-    async def _by_token(self, token: str, now: float) -> tuple[Principal, UserAccess]:
+    async def _by_token(
+        self, token: str, now: float
+    ) -> tuple[Principal, UserAccess, KeyAccess | None]:
         claims = self._verified.get(token)
         if claims is None or claims.valid_until < now:
             claims = self._authority.verify(token, now=now)
@@ -149,13 +154,26 @@ class Gatekeeper:
                 session=claims.sid or None,
             ),
             user,
+            None,
         )
 
-    async def _by_key(self, plaintext: str, now: float) -> tuple[Principal, UserAccess]:
-        public_id, secret = apikeys.parse(plaintext)
+    async def _by_key(
+        self, plaintext: str, now: float
+    ) -> tuple[Principal, UserAccess, KeyAccess | None]:
+        known = self._checked_keys.get(plaintext)
+        if known is None:
+            public_id, secret = apikeys.parse(plaintext)
+            digest = apikeys.digest_of(secret)
+        else:
+            public_id, digest = known
         key = await self._view.api_key(public_id)
-        if key is None or not apikeys.matches(secret, key.digest):
+        if key is None or not hmac.compare_digest(digest, key.digest):
             raise Unauthenticated("the API key is not valid")
+        if known is None:
+            # Parsed and hashed once per key: later requests only compare the digests.
+            if len(self._checked_keys) >= _VERIFIED_CACHE:
+                self._checked_keys.clear()
+            self._checked_keys[plaintext] = (public_id, digest)
         if key.revoked:
             raise Unauthenticated("the API key has been revoked")
         if key.expires_at_ms is not None and key.expires_at_ms <= now * 1000:
@@ -170,6 +188,7 @@ class Gatekeeper:
                 key_id=public_id,
             ),
             user,
+            key,
         )
 
     async def _live_user(self, user_id: str) -> UserAccess:
@@ -200,14 +219,12 @@ class Gatekeeper:
                 f"requests from this address are not allowed for this account ({decision.reason})"
             )
 
-    async def _count(self, principal: Principal, user: UserAccess) -> Quota | None:
+    async def _count(self, user: UserAccess, key: KeyAccess | None) -> Quota | None:
         quota: Quota | None = None
-        if principal.key_id is not None:
-            key = await self._view.api_key(principal.key_id)
-            if key is not None and key.rate_limit_per_minute:
-                quota = await self._limiter.take(
-                    f"key.{key.public_id}", key.rate_limit_per_minute, what="this API key"
-                )
+        if key is not None and key.rate_limit_per_minute:
+            quota = await self._limiter.take(
+                f"key.{key.public_id}", key.rate_limit_per_minute, what="this API key"
+            )
         if user.rate_limit_per_minute:
             mine = await self._limiter.take(
                 f"user.{user.user_id}", user.rate_limit_per_minute, what="this account"

@@ -7,7 +7,6 @@ a request field the policy names). A method without a policy entry is refused ou
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -16,8 +15,9 @@ import grpc
 
 from gateway.auth import principal
 from gateway.auth.addresses import grpc_peer_host
-from gateway.auth.gatekeeper import Admission, Gatekeeper, Presented
+from gateway.auth.gatekeeper import Gatekeeper, Presented
 from gateway.auth.policy import Requirement
+from gateway.auth.principal import Principal
 from gateway.errors import grpc_status
 from schemas.errors import GpuproxyError, PermissionDenied
 
@@ -55,17 +55,8 @@ class _Door:
         self._requirement = requirement
         self._method = method
 
-    @contextlib.asynccontextmanager
-    async def admitted(self, context: Context, request: Any) -> AsyncIterator[None]:
-        """Run the handler as the admitted caller (see `principal.current`)."""
-        admission = await self.admit(context, request)
-        bound = principal.bind(admission.principal)
-        try:
-            yield
-        finally:
-            principal.unbind(bound)
-
-    async def admit(self, context: Context, request: Any = None) -> Admission:
+    async def admit(self, context: Context, request: Any = None) -> Principal | None:
+        """The admitted caller, or the call aborted with the refusal's status."""
         try:
             admission = await self._gatekeeper.admit(
                 _presented(context, request, self._requirement), self._requirement, self._method
@@ -78,13 +69,20 @@ class _Door:
             context.set_trailing_metadata(
                 tuple((k.lower(), v) for k, v in admission.headers().items())
             )
-        return admission
+        return admission.principal
+
+
+# The wrappers spell out bind/unbind rather than share a context manager: this runs on every
+# call, and an async context manager costs more than the rest of the wrapper.
 
 
 def _wrap_unary(door: _Door, behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
     async def unary(request: Any, context: Context) -> Any:
-        async with door.admitted(context, request):
+        bound = principal.bind(await door.admit(context, request))
+        try:
             return await behaviour(request, context)
+        finally:
+            principal.unbind(bound)
 
     return unary
 
@@ -98,15 +96,21 @@ def _wrap_streaming(
     if inspect.isasyncgenfunction(behaviour):
 
         async def generator(request: Any, context: Context) -> AsyncIterator[Any]:
-            async with door.admitted(context, None if client_streams else request):
+            bound = principal.bind(await door.admit(context, None if client_streams else request))
+            try:
                 async for reply in behaviour(request, context):
                     yield reply
+            finally:
+                principal.unbind(bound)
 
         return generator
 
     async def coroutine(request: Any, context: Context) -> Any:
-        async with door.admitted(context, None if client_streams else request):
+        bound = principal.bind(await door.admit(context, None if client_streams else request))
+        try:
             return await behaviour(request, context)
+        finally:
+            principal.unbind(bound)
 
     return coroutine
 
