@@ -79,6 +79,12 @@ async def test_a_key_is_shown_once_kept_as_a_digest_and_works_on_both_doors(
         )
     assert (await grpc_ping(system, (("x-api-key", key),))).message == "hi"
 
+    async def last_use_recorded() -> bool:
+        keys = (await ada.call("GET", "/api/v1/auth/apikeys")).json()["api_keys"]
+        return keys[0]["last_used_at_ms"] is not None
+
+    await eventually(last_use_recorded)
+
     engine = create_async_engine(any_database)
     async with engine.connect() as db:
         rows = (await db.execute(text("SELECT * FROM api_keys"))).all()
