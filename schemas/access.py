@@ -78,7 +78,7 @@ class KeyAccess(msgspec.Struct, frozen=True, kw_only=True):
     """None: only the owner's limit applies."""
 
 
-class SessionEnded(msgspec.Struct, frozen=True, kw_only=True):
+class EndedSession(msgspec.Struct, frozen=True, kw_only=True):
     family: str
     user_id: str
     ended_at_ms: int

@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from bus.events import EventPublisher
-from gateway.accounts.projection import Projection, user_record
+from gateway.accounts.projection import Projection, access_of
 from gateway.accounts.service import fact
 from gateway.accounts.tables import IpAccessLogRow, IpRuleRow, User
 from gateway.auth import addresses
@@ -112,18 +112,11 @@ class IpAccess:
         if change.audit_log_enabled is not None:
             values["ip_audit"] = change.audit_log_enabled
         async with self._sessions.begin() as db:
-            user = await db.get(User, owner)
-            if user is None:
+            now = await access_of(db, owner)
+            if now is None:
                 raise NotFound("no such user", field="user_id")
             if "ip_mode" in values and owner == caller.user_id and not change.force:
-                rules = list(
-                    (await db.execute(select(IpRuleRow).where(IpRuleRow.user_id == owner)))
-                    .scalars()
-                    .all()
-                )
-                future = msgspec.structs.replace(
-                    user_record(user, rules), ip_mode=IpMode(values["ip_mode"])
-                )
+                future = msgspec.structs.replace(now, ip_mode=IpMode(values["ip_mode"]))
                 verdict = addresses.decide(future, address, int(time.time() * 1000))
                 if not verdict.allowed:
                     raise FailedPrecondition(
@@ -133,8 +126,10 @@ class IpAccess:
                     )
             if values:
                 await db.execute(update(User).where(User.id == owner).values(**values))
-                await db.refresh(user)
-            config = IpConfig(mode=user.ip_mode, audit_log_enabled=user.ip_audit)
+            config = IpConfig(
+                mode=values.get("ip_mode", now.ip_mode.value),
+                audit_log_enabled=values.get("ip_audit", now.ip_audit),
+            )
         await self._changed(caller, owner, "config", config.mode)
         return config
 
@@ -212,15 +207,10 @@ class IpAccess:
 
     async def check(self, owner: str, address: Address) -> Decision:
         async with self._sessions() as db:
-            user = await db.get(User, owner)
-            if user is None:
-                raise NotFound("no such user", field="user_id")
-            rules = list(
-                (await db.execute(select(IpRuleRow).where(IpRuleRow.user_id == owner)))
-                .scalars()
-                .all()
-            )
-        return addresses.decide(user_record(user, rules), address, int(time.time() * 1000))
+            now = await access_of(db, owner)
+        if now is None:
+            raise NotFound("no such user", field="user_id")
+        return addresses.decide(now, address, int(time.time() * 1000))
 
     async def log(self, owner: str, *, limit: int) -> list[LogEntry]:
         async with self._sessions() as db:

@@ -20,12 +20,12 @@ from bus.topology import declare_bucket
 from gateway.accounts.tables import ApiKey, IpRuleRow, User
 from schemas import topology
 from schemas.access import (
+    EndedSession,
     IpMode,
     IpRule,
     KeyAccess,
     Role,
     Scope,
-    SessionEnded,
     UserAccess,
     api_key_key,
     session_key,
@@ -73,6 +73,22 @@ def user_record(user: User, rules: list[IpRuleRow]) -> UserAccess:
     )
 
 
+async def rules_of(db: AsyncSession, user_ids: list[str]) -> dict[str, list[IpRuleRow]]:
+    found: dict[str, list[IpRuleRow]] = {}
+    rows = await db.execute(select(IpRuleRow).where(IpRuleRow.user_id.in_(user_ids)))
+    for row in rows.scalars():
+        found.setdefault(row.user_id, []).append(row)
+    return found
+
+
+async def access_of(db: AsyncSession, user_id: str) -> UserAccess | None:
+    """What SQL says of a user's access now, or None when there is no such user."""
+    user = await db.get(User, user_id)
+    if user is None:
+        return None
+    return user_record(user, (await rules_of(db, [user_id])).get(user_id, []))
+
+
 class Projection:
     def __init__(self, engine: AsyncEngine, js: JetStreamContext, *, replicas: int = 1) -> None:
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
@@ -92,12 +108,11 @@ class Projection:
 
     async def user(self, user_id: str) -> None:
         async with self._sessions() as db:
-            user = await db.get(User, user_id)
-            if user is None:
-                await self.access.delete(user_key(user_id))
-                return
-            rules = await self._rules(db, [user_id])
-        await self._put(user_key(user_id), user_record(user, rules.get(user_id, [])))
+            record = await access_of(db, user_id)
+        if record is None:
+            await self.access.delete(user_key(user_id))
+            return
+        await self._put(user_key(user_id), record)
 
     async def key(self, public_id: str) -> None:
         async with self._sessions() as db:
@@ -109,7 +124,7 @@ class Projection:
 
     async def session_ended(self, family: str, user_id: str) -> None:
         assert self._ended is not None
-        record = SessionEnded(family=family, user_id=user_id, ended_at_ms=int(time.time() * 1000))
+        record = EndedSession(family=family, user_id=user_id, ended_at_ms=int(time.time() * 1000))
         await self._ended.put(session_key(family), msgspec.json.encode(record))
 
     async def resync(self, *, page: int = 500) -> int:
@@ -140,7 +155,7 @@ class Projection:
             }
             async with self._sessions() as db:
                 users = (await db.execute(select(User).where(User.id.in_(ids)))).scalars()
-                rules = await self._rules(db, ids)
+                rules = await rules_of(db, ids)
                 keys = (await db.execute(select(ApiKey).where(ApiKey.id.in_(key_ids)))).scalars()
                 fresh: dict[str, UserAccess | KeyAccess] = {
                     user_key(u.id): user_record(u, rules.get(u.id, [])) for u in users
@@ -164,14 +179,6 @@ class Projection:
         except KeyNotFoundError:
             return 0, None
         return entry.revision or 0, entry.value
-
-    @staticmethod
-    async def _rules(db: AsyncSession, user_ids: list[str]) -> dict[str, list[IpRuleRow]]:
-        found: dict[str, list[IpRuleRow]] = {}
-        rows = await db.execute(select(IpRuleRow).where(IpRuleRow.user_id.in_(user_ids)))
-        for row in rows.scalars():
-            found.setdefault(row.user_id, []).append(row)
-        return found
 
     async def _put(self, key: str, record: UserAccess | KeyAccess) -> None:
         await self.access.put(key, msgspec.json.encode(record))

@@ -214,10 +214,7 @@ class AccountService:
         return await self._keys.of_user(owner)
 
     async def revoke_key(self, caller: Principal, key_id: str) -> KeyInfo:
-        try:
-            found = await self._keys.get(key_id)
-        except NotFound:
-            raise NotFound("no such API key", field="id") from None
+        found = await self._keys.get(key_id)
         if not caller.may_act_for(found.user_id):
             # The same answer as a key that does not exist: ids of others' keys stay secret.
             raise NotFound("no such API key", field="id")

@@ -76,23 +76,10 @@ class _Door:
 # call, and an async context manager costs more than the rest of the wrapper.
 
 
-def _wrap_unary(door: _Door, behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
-    async def unary(request: Any, context: Context) -> Any:
-        bound = principal.bind(await door.admit(context, request))
-        try:
-            return await behaviour(request, context)
-        finally:
-            principal.unbind(bound)
-
-    return unary
-
-
-def _wrap_streaming(
-    door: _Door, behaviour: Callable[..., Any], *, client_streams: bool
-) -> Callable[..., Any]:
-    # A streaming handler is either an async generator (yields replies) or a coroutine
-    # that writes through `context`; the wrapper must be the same kind. A client stream's
-    # messages are not read here: credentials come from metadata alone.
+def _wrap(door: _Door, behaviour: Callable[..., Any], client_streams: bool) -> Callable[..., Any]:
+    # A handler is either an async generator (yields replies) or a coroutine (returns the
+    # reply, or writes through `context`); the wrapper must be the same kind. A client
+    # stream's messages are not read here: credentials come from metadata alone.
     if inspect.isasyncgenfunction(behaviour):
 
         async def generator(request: Any, context: Context) -> AsyncIterator[Any]:
@@ -115,32 +102,31 @@ def _wrap_streaming(
     return coroutine
 
 
-def _refusing(handler: Handler, method: str) -> Handler:
-    async def refuse(request: Any, context: Context) -> None:
-        code, message = grpc_status(PermissionDenied(f"no access rule covers {method}"))
-        await context.abort(code, message)
-
-    return _rebuilt(handler, refuse, refuse, refuse, refuse)
-
-
 def _rebuilt(
-    handler: Handler,
-    unary_unary: Callable[..., Any],
-    unary_stream: Callable[..., Any],
-    stream_unary: Callable[..., Any],
-    stream_stream: Callable[..., Any],
+    handler: Handler, wrap: Callable[[Callable[..., Any], bool], Callable[..., Any]]
 ) -> Handler:
+    """The same method handler with its behaviour wrapped; `wrap` learns whether the
+    client streams (then the request argument is an iterator, not a message)."""
     codec = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(unary_unary, **codec)
+        return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary, False), **codec)
     if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(unary_stream, **codec)
+        return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream, False), **codec)
     if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(stream_unary, **codec)
-    return grpc.stream_stream_rpc_method_handler(stream_stream, **codec)
+        return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary, True), **codec)
+    assert handler.stream_stream is not None
+    return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream, True), **codec)
+
+
+def _refusal(method: str) -> Callable[..., Any]:
+    async def refuse(request: Any, context: Context) -> None:
+        code, message = grpc_status(PermissionDenied(f"no access rule covers {method}"))
+        await context.abort(code, message)
+
+    return refuse
 
 
 class GuardInterceptor(grpc.aio.ServerInterceptor):
@@ -163,27 +149,14 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             return handler  # an unknown method: grpc answers UNIMPLEMENTED itself
         requirement = self._policy.get(method)
         if requirement is None:
-            wrapped = _refusing(handler, method)
+            refuse = _refusal(method)
+            wrapped = _rebuilt(handler, lambda behaviour, client_streams: refuse)
         elif requirement.public and not requirement.per_address:
             wrapped = handler
         else:
             door = _Door(self._gatekeeper, requirement, method)
             wrapped = _rebuilt(
-                handler,
-                _wrap_unary(door, handler.unary_unary) if handler.unary_unary else _never,
-                _wrap_streaming(door, handler.unary_stream, client_streams=False)
-                if handler.unary_stream
-                else _never,
-                _wrap_streaming(door, handler.stream_unary, client_streams=True)
-                if handler.stream_unary
-                else _never,
-                _wrap_streaming(door, handler.stream_stream, client_streams=True)
-                if handler.stream_stream
-                else _never,
+                handler, lambda behaviour, client_streams: _wrap(door, behaviour, client_streams)
             )
         self._wrapped[method] = wrapped
         return wrapped
-
-
-async def _never(request: Any, context: Context) -> None:
-    raise AssertionError("a handler of another arity was called")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 from nats.js import JetStreamContext
@@ -20,8 +20,8 @@ from nats.js.kv import KeyValue
 from bus.topology import declare_bucket
 from schemas import topology
 from schemas.access import (
+    EndedSession,
     KeyAccess,
-    SessionEnded,
     UserAccess,
     api_key_key,
     session_key,
@@ -30,17 +30,27 @@ from schemas.access import (
 
 log = logging.getLogger("gpuproxy.gateway.access")
 
-T = TypeVar("T")
 _DELETED = ("DEL", "PURGE")
+
+Record = UserAccess | KeyAccess | EndedSession
+
+
+def _decode(key: str, raw: bytes) -> Record:
+    """A bucket value as its record type, told by the key's prefix."""
+    if key.startswith("user."):
+        return msgspec.json.decode(raw, type=UserAccess)
+    if key.startswith("key."):
+        return msgspec.json.decode(raw, type=KeyAccess)
+    return msgspec.json.decode(raw, type=EndedSession)
 
 
 class _Mirror:
-    """One bucket, mirrored: a dict of raw values by key, fed by a watcher task."""
+    """One bucket, mirrored: its records by key, decoded once as they arrive from a watcher."""
 
     def __init__(self, kv: KeyValue, name: str) -> None:
         self._kv = kv
         self._name = name
-        self.values: dict[str, bytes] = {}
+        self.values: dict[str, Record] = {}
         self._task: asyncio.Task[None] | None = None
         self._watcher: Any = None
 
@@ -68,18 +78,30 @@ class _Mirror:
             if entry.operation in _DELETED or entry.value is None:
                 self.values.pop(entry.key, None)
             else:
-                self.values[entry.key] = entry.value
+                self._keep(entry.key, entry.value)
 
-    async def read_through(self, key: str) -> bytes | None:
-        """The bucket's value for a key this copy lacks, or None when there is none."""
+    def _keep(self, key: str, raw: bytes) -> Record | None:
+        try:
+            record = _decode(key, raw)
+        except msgspec.DecodeError:
+            # Not ours to understand (a newer schema?): treated as absent, never as allowed.
+            log.warning("%s: %s holds a value this version cannot read", self._name, key)
+            self.values.pop(key, None)
+            return None
+        self.values[key] = record
+        return record
+
+    async def read_through(self, key: str) -> Record | None:
+        """The bucket's record for a key this copy lacks, or None when there is none."""
         try:
             entry = await self._kv.get(key)
         except KeyNotFoundError:
             return None
         if entry.value is None:
             return None
-        self.values.setdefault(key, entry.value)
-        return self.values[key]
+        if key in self.values:  # the watcher delivered it meanwhile
+            return self.values[key]
+        return self._keep(key, entry.value)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -97,7 +119,6 @@ class AccessView:
         self._replicas = replicas
         self._access: _Mirror | None = None
         self._sessions: _Mirror | None = None
-        self._decoded: dict[bytes, Any] = {}
 
     async def start(self) -> None:
         access = await declare_bucket(self._js, topology.access_bucket(self._replicas))
@@ -113,12 +134,14 @@ class AccessView:
                 await mirror.stop()
 
     async def user(self, user_id: str) -> UserAccess | None:
-        assert self._access is not None
-        return await self._lookup(self._access, user_key(user_id), UserAccess)
+        found = await self._lookup(user_key(user_id))
+        assert found is None or isinstance(found, UserAccess)
+        return found
 
     async def api_key(self, public_id: str) -> KeyAccess | None:
-        assert self._access is not None
-        return await self._lookup(self._access, api_key_key(public_id), KeyAccess)
+        found = await self._lookup(api_key_key(public_id))
+        assert found is None or isinstance(found, KeyAccess)
+        return found
 
     def session_ended(self, family: str) -> bool:
         # No read-through: an ended session is written before logout answers, and a
@@ -126,21 +149,9 @@ class AccessView:
         assert self._sessions is not None
         return session_key(family) in self._sessions.values
 
-    async def _lookup(self, mirror: _Mirror, key: str, type_: type[T]) -> T | None:
-        raw = mirror.values.get(key)
-        if raw is None:
-            raw = await mirror.read_through(key)
-            if raw is None:
-                return None
-        # Decoded once per stored value: the same bytes come back on every request.
-        found = self._decoded.get(raw)
+    async def _lookup(self, key: str) -> Record | None:
+        assert self._access is not None, "AccessView.start() was not awaited"
+        found = self._access.values.get(key)
         if found is None:
-            if len(self._decoded) > 100_000:
-                self._decoded.clear()
-            found = self._decoded[raw] = msgspec.json.decode(raw, type=type_)
-        assert isinstance(found, type_)
+            found = await self._access.read_through(key)
         return found
-
-
-def encode_record(record: UserAccess | KeyAccess | SessionEnded) -> bytes:
-    return msgspec.json.encode(record)

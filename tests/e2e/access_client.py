@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -92,3 +95,19 @@ async def grpc_status(
             trailing = {k: str(v) for k, v in (exc.trailing_metadata() or ())}
             return exc.code(), exc.details() or "", trailing
     return grpc.StatusCode.OK, "", {}
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 5.0) -> float:
+    """Seconds until `check` holds; fails after `within`."""
+    start = time.monotonic()
+    while not await check():
+        assert time.monotonic() - start < within, "did not happen in time"
+        await asyncio.sleep(0.05)
+    return time.monotonic() - start
+
+
+async def clear_of_a_new_minute(margin: float = 15.0) -> None:
+    """Limits count per clock minute: start a counting test well inside one."""
+    into = time.time() % 60
+    if into > 60 - margin:
+        await asyncio.sleep(60 - into + 0.2)

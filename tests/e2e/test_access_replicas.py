@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from gateway.pb import gpuproxy_pb2 as pb
 from gateway.pb import gpuproxy_pb2_grpc as pb_grpc
 from tests.conftest import free_port
-from tests.e2e.access_client import PASSWORD
+from tests.e2e.access_client import PASSWORD, clear_of_a_new_minute, eventually
 from tests.e2e.processes import gpuproxy, parts_env, provisioned, wait_serving
 
 pytestmark = pytest.mark.slow
@@ -75,15 +74,6 @@ async def clients() -> AsyncIterator[Callable[[Replica], httpx.AsyncClient]]:
         await http.aclose()
 
 
-async def within_promise(check: Callable[[], Awaitable[bool]]) -> float:
-    start = time.monotonic()
-    while not await check():
-        elapsed = time.monotonic() - start
-        assert elapsed < PROMISE_SECONDS, f"not seen by the other replica after {elapsed:.1f} s"
-        await asyncio.sleep(0.05)
-    return time.monotonic() - start
-
-
 async def sign_up(http: httpx.AsyncClient, email: str) -> dict[str, Any]:
     made = await http.post("/api/v1/auth/register", json={"email": email, "password": PASSWORD})
     assert made.status_code == 201, made.text
@@ -120,14 +110,14 @@ async def test_revocations_and_account_changes_reach_the_other_replica_within_5_
         async def key_refused() -> bool:
             return await status_of(at_b, key, "/api/v1/user/me") == 401
 
-        revoked_in = await within_promise(key_refused)
+        revoked_in = await eventually(key_refused, within=PROMISE_SECONDS)
 
         await at_a.post("/api/v1/auth/logout", json={"refresh_token": ada["refresh_token"]})
 
         async def session_ended() -> bool:
             return await status_of(at_b, bearer(ada["access_token"]), "/api/v1/user/me") == 401
 
-        logout_in = await within_promise(session_ended)
+        logout_in = await eventually(session_ended, within=PROMISE_SECONDS)
         again = await at_b.post(
             "/api/v1/auth/refresh", json={"refresh_token": ada["refresh_token"]}
         )
@@ -149,7 +139,7 @@ async def test_revocations_and_account_changes_reach_the_other_replica_within_5_
         async def demoted() -> bool:
             return await status_of(at_b, as_bob, "/api/v1/admin/users") == 403
 
-        demoted_in = await within_promise(demoted)
+        demoted_in = await eventually(demoted, within=PROMISE_SECONDS)
         await at_a.patch(
             f"/api/v1/admin/users/{bob['user_id']}", headers=admin, json={"disabled": True}
         )
@@ -157,7 +147,7 @@ async def test_revocations_and_account_changes_reach_the_other_replica_within_5_
         async def disabled() -> bool:
             return await status_of(at_b, as_bob, "/api/v1/user/me") == 401
 
-        disabled_in = await within_promise(disabled)
+        disabled_in = await eventually(disabled, within=PROMISE_SECONDS)
         async with grpc.aio.insecure_channel(b.grpc_target) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await pb_grpc.GPUProxyServiceStub(channel).Ping(
@@ -174,9 +164,7 @@ async def test_a_rate_limit_holds_across_two_gateway_processes(
     tmp_path: Path, nats_url: str, any_database: str, clients: Any
 ) -> None:
     async with replicas(tmp_path, nats_url, any_database) as ((a, b), _):
-        into = time.time() % 60
-        if into > 45:
-            await asyncio.sleep(60 - into + 0.2)
+        await clear_of_a_new_minute()
         ada = await sign_up(clients(a), "ada@example.com")
         made = await clients(a).post(
             "/api/v1/auth/apikey",

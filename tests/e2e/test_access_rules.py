@@ -3,9 +3,8 @@ escalation attempts, tenancy, roles, disabling, logout, rate limits and address 
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 import httpx
@@ -14,7 +13,14 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from gateway.pb import gpuproxy_pb2 as pb
-from tests.e2e.access_client import User, grpc_ping, grpc_status
+from gateway.pb import gpuproxy_pb2_grpc as pb_grpc
+from tests.e2e.access_client import (
+    User,
+    clear_of_a_new_minute,
+    eventually,
+    grpc_ping,
+    grpc_status,
+)
 from tests.e2e.system import System, running_system
 
 
@@ -33,22 +39,6 @@ async def http(system: System) -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture
 def admin(system: System) -> dict[str, str]:
     return {"x-api-key": system.api_key}
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within: float = 5.0) -> float:
-    """Seconds until `check` holds; fails after `within`."""
-    start = time.monotonic()
-    while not await check():
-        assert time.monotonic() - start < within, "did not happen in time"
-        await asyncio.sleep(0.05)
-    return time.monotonic() - start
-
-
-async def clear_of_a_new_minute(margin: float = 15.0) -> None:
-    """Limits count per clock minute: start a counting test well inside one."""
-    into = time.time() % 60
-    if into > 60 - margin:
-        await asyncio.sleep(60 - into + 0.2)
 
 
 # --- API keys ------------------------------------------------------------------------------
@@ -115,8 +105,6 @@ async def test_grpc_create_api_key_takes_the_token_in_the_request_or_in_metadata
     code, _, _ = await grpc_status(system, "CreateAPIKey", in_body, ())
     assert code == grpc.StatusCode.OK
     async with grpc.aio.insecure_channel(system.grpc_target) as channel:
-        from gateway.pb import gpuproxy_pb2_grpc as pb_grpc
-
         made = await pb_grpc.GPUProxyServiceStub(channel).CreateAPIKey(
             pb.CreateAPIKeyRequest(name="ci-2"), metadata=tuple(ada.session.items()), timeout=10
         )
