@@ -19,11 +19,15 @@ from gateway.accounts.service import AccountService, KeyRequest
 from gateway.auth import principal
 from gateway.config import GatewayConfig
 from gateway.errors import grpc_status
+from gateway.gpus import requests
+from gateway.gpus.service import GpuService
+from gateway.gpus.views import instance_proto, offer_proto, reservation_proto
 from gateway.health import Health
 from gateway.pb import gpuproxy_pb2 as pb
 from gateway.pb import gpuproxy_pb2_grpc as pb_grpc
-from schemas.errors import GpuproxyError, Unimplemented
-from schemas.replies import Pong
+from schemas.errors import GpuproxyError, InvalidArgument, Unimplemented
+from schemas.gpus import LaunchSpec, OfferQuery, ProviderName
+from schemas.replies import Pong, ReservationView
 
 Context = grpc.aio.ServicerContext[Any, Any]
 P = ParamSpec("P")
@@ -31,7 +35,6 @@ R = TypeVar("R")
 
 IDEMPOTENCY_KEY = "idempotency-key"
 
-PROVISIONING = "GPU provisioning (the provisioner worker's providers and instances)"
 INFERENCE = "the inference data plane (the proxy worker)"
 BILLING = "billing (the billing worker's ledger, payments and spending windows)"
 CUIC = "CUIC messaging over the inference data plane"
@@ -69,11 +72,13 @@ class GPUProxyService(pb_grpc.GPUProxyServiceServicer):
         health: Health,
         accounts: AccountService,
         config: GatewayConfig,
+        gpus: GpuService,
     ) -> None:
         self._caller = caller
         self._health = health
         self._accounts = accounts
         self._config = config
+        self._gpus = gpus
 
     def _timeout(self, context: Context) -> float:
         # None when the client set no deadline, whatever the stubs say.
@@ -152,31 +157,196 @@ class GPUProxyService(pb_grpc.GPUProxyServiceServicer):
     async def ListGPUInstances(
         self, request: pb.ListGPUInstancesRequest, context: Context
     ) -> pb.ListGPUInstancesResponse:
-        raise _missing("ListGPUInstances", PROVISIONING)
-
-    @answers_errors
-    async def CreateGPUInstance(
-        self, request: pb.CreateGPUInstanceRequest, context: Context
-    ) -> pb.CreateGPUInstanceResponse:
-        raise _missing("CreateGPUInstance", PROVISIONING)
-
-    @answers_errors
-    async def DestroyGPUInstance(
-        self, request: pb.DestroyGPUInstanceRequest, context: Context
-    ) -> pb.DestroyGPUInstanceResponse:
-        raise _missing("DestroyGPUInstance", PROVISIONING)
+        found = await self._gpus.search(principal.current(), _query(request, prefix=""))
+        return pb.ListGPUInstancesResponse(
+            instances=[offer_proto(o) for o in found.offers],
+            total_count=len(found.offers),
+            unavailable_providers=found.unavailable,
+        )
 
     @answers_errors
     async def GetGPUInstance(
         self, request: pb.GetGPUInstanceRequest, context: Context
     ) -> pb.GetGPUInstanceResponse:
-        raise _missing("GetGPUInstance", PROVISIONING)
+        found = await self._gpus.find(
+            principal.current(),
+            requests.provider(request.provider),
+            requests.identifier(request.instance_id, field="instance_id"),
+        )
+        if found.instance is not None:
+            return pb.GetGPUInstanceResponse(instance=instance_proto(found.instance))
+        assert found.offer is not None
+        return pb.GetGPUInstanceResponse(instance=offer_proto(found.offer))
+
+    @answers_errors
+    async def CreateGPUInstance(
+        self, request: pb.CreateGPUInstanceRequest, context: Context
+    ) -> pb.CreateGPUInstanceResponse:
+        made = await self._gpus.create(
+            principal.current(),
+            requests.provider(request.provider),
+            requests.identifier(request.instance_id, field="instance_id"),
+            _spec(request, prefix=""),
+            self._idempotency_key(context),
+            IDEMPOTENCY_KEY,
+        )
+        instance = made.instance
+        return pb.CreateGPUInstanceResponse(
+            instance_id=instance.id,
+            provider=str(instance.provider),
+            status=str(instance.state),
+            message=made.message,
+            instance=instance_proto(instance),
+        )
+
+    @answers_errors
+    async def BatchCreateGPUInstances(
+        self, request: pb.BatchCreateGPUInstancesRequest, context: Context
+    ) -> pb.BatchCreateGPUInstancesResponse:
+        counts: dict[ProviderName, int] = {}
+        for name, value in request.counts.items():
+            counts[requests.provider(name, field="counts")] = requests.batch_count(
+                value, field=f"counts.{name}"
+            )
+        if request.vastai_count:
+            counts[ProviderName.VASTAI] = requests.batch_count(
+                request.vastai_count, field="vastai_count"
+            )
+        if request.ionet_count:
+            counts[ProviderName.IONET] = requests.batch_count(
+                request.ionet_count, field="ionet_count"
+            )
+        if not any(counts.values()):
+            raise InvalidArgument("ask for at least one instance", field="counts")
+        if sum(counts.values()) > 16:
+            raise InvalidArgument("at most 16 instances in one batch", field="counts")
+        made = await self._gpus.batch(
+            principal.current(),
+            counts,
+            _query(request.filters, prefix="filters."),
+            _spec(request.config, prefix="config."),
+            self._idempotency_key(context),
+            IDEMPOTENCY_KEY,
+        )
+        return pb.BatchCreateGPUInstancesResponse(
+            instances=[instance_proto(i) for i in made.instances],
+            failures=[
+                pb.BatchFailure(
+                    provider=str(f.provider), code=str(f.error.code), message=f.error.message
+                )
+                for f in made.failures
+            ],
+        )
+
+    @answers_errors
+    async def DestroyGPUInstance(
+        self, request: pb.DestroyGPUInstanceRequest, context: Context
+    ) -> pb.DestroyGPUInstanceResponse:
+        done = await self._gpus.destroy(
+            principal.current(),
+            requests.provider(request.provider) if request.provider else None,
+            requests.identifier(request.instance_id, field="instance_id"),
+            self._idempotency_key(context),
+            IDEMPOTENCY_KEY,
+        )
+        return pb.DestroyGPUInstanceResponse(
+            success=True, message=done.message, instance=instance_proto(done.instance)
+        )
+
+    @answers_errors
+    async def ListOwnedGPUInstances(
+        self, request: pb.ListOwnedGPUInstancesRequest, context: Context
+    ) -> pb.ListGPUInstancesResponse:
+        listed = await self._gpus.instances(
+            principal.current(), request.user_id, include_ended=request.include_ended
+        )
+        return pb.ListGPUInstancesResponse(
+            instances=[instance_proto(i) for i in listed.instances],
+            total_count=len(listed.instances),
+        )
 
     @answers_errors
     async def ReserveGPUs(
         self, request: pb.ReserveGPUsRequest, context: Context
     ) -> pb.ReserveGPUsResponse:
-        raise _missing("ReserveGPUs", PROVISIONING)
+        price = request.max_price_micros or (
+            requests.price_micros(request.max_price, field="max_price") if request.max_price else 0
+        )
+        query = requests.query(
+            provider_text=request.provider,
+            min_vram=request.min_vram,
+            max_price_micros=price,
+            gpu_model=request.gpu_model,
+            location=request.location,
+        )
+        view = await self._gpus.reserve(
+            principal.current(),
+            count=requests.count(request.count),
+            query=query,
+            spec=requests.spec(
+                image=request.image,
+                env=dict(request.env),
+                ports=list(request.ports),
+                disk_gb=request.disk_gb,
+            ),
+            strategy=requests.strategy(request.strategy),
+            lease_seconds=(
+                requests.lease_seconds(request.lease_seconds) if request.lease_seconds else None
+            ),
+            ready_seconds=requests.ready_seconds(request.ready_timeout_seconds),
+            idempotency_key=self._idempotency_key(context),
+            key_field=IDEMPOTENCY_KEY,
+        )
+        return pb.ReserveGPUsResponse(
+            reserved_instances=[instance_proto(i) for i in view.instances],
+            reserved_count=len(view.instances),
+            message=view.reservation.reason,
+            reservation=_reservation(view),
+        )
+
+    @answers_errors
+    async def GetReservation(
+        self, request: pb.GetReservationRequest, context: Context
+    ) -> pb.ReservationResponse:
+        view = await self._gpus.reservation(
+            principal.current(),
+            requests.identifier(request.reservation_id, field="reservation_id"),
+        )
+        return pb.ReservationResponse(reservation=_reservation(view))
+
+    @answers_errors
+    async def ListReservations(
+        self, request: pb.ListReservationsRequest, context: Context
+    ) -> pb.ListReservationsResponse:
+        listed = await self._gpus.reservations(
+            principal.current(), request.user_id, include_ended=request.include_ended
+        )
+        return pb.ListReservationsResponse(
+            reservations=[reservation_proto(r, []) for r in listed.reservations]
+        )
+
+    @answers_errors
+    async def RenewReservation(
+        self, request: pb.RenewReservationRequest, context: Context
+    ) -> pb.ReservationResponse:
+        if not request.lease_seconds:
+            raise InvalidArgument("say how long the lease should run", field="lease_seconds")
+        view = await self._gpus.renew(
+            principal.current(),
+            requests.identifier(request.reservation_id, field="reservation_id"),
+            requests.lease_seconds(request.lease_seconds),
+        )
+        return pb.ReservationResponse(reservation=_reservation(view))
+
+    @answers_errors
+    async def ReleaseReservation(
+        self, request: pb.ReleaseReservationRequest, context: Context
+    ) -> pb.ReservationResponse:
+        view = await self._gpus.release(
+            principal.current(),
+            requests.identifier(request.reservation_id, field="reservation_id"),
+        )
+        return pb.ReservationResponse(reservation=_reservation(view))
 
     @answers_errors
     async def ProxyRequest(
@@ -237,3 +407,33 @@ class GPUProxyService(pb_grpc.GPUProxyServiceServicer):
         self, request_iterator: Any, context: Context
     ) -> None:
         await _refuse(context, _missing("StreamCUICMessage", CUIC))
+
+
+def _reservation(view: ReservationView) -> pb.Reservation:
+    return reservation_proto(view.reservation, view.instances)
+
+
+def _query(request: pb.ListGPUInstancesRequest, *, prefix: str) -> OfferQuery:
+    price = request.max_price_micros or (
+        requests.price_micros(request.max_price, field=f"{prefix}max_price")
+        if request.max_price
+        else 0
+    )
+    return requests.query(
+        provider_text=request.provider,
+        min_vram=request.min_vram,
+        max_price_micros=price,
+        gpu_model=request.gpu_model,
+        location=request.location,
+        prefix=prefix,
+    )
+
+
+def _spec(request: pb.CreateGPUInstanceRequest, *, prefix: str) -> LaunchSpec:
+    return requests.spec(
+        image=request.image,
+        env=dict(request.env),
+        ports=list(request.ports),
+        disk_gb=request.disk_gb,
+        prefix=prefix,
+    )

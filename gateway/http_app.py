@@ -18,6 +18,9 @@ from gateway.auth.http_guard import HttpGuard
 from gateway.auth.policy import PUBLIC, SIGNED_IN
 from gateway.config import GatewayConfig
 from gateway.errors import http_answer
+from gateway.gpus.http import routes as gpu_routes
+from gateway.gpus.preferences import PreferenceStore
+from gateway.gpus.service import GpuService
 from gateway.health import Health
 from gateway.http_io import body, json_response
 from schemas.commands import Ping
@@ -40,6 +43,8 @@ def build_app(
     accounts: AccountService,
     ip_access: IpAccess,
     config: GatewayConfig,
+    gpus: GpuService,
+    preferences: PreferenceStore,
 ) -> Starlette:
     async def live(request: Request) -> Response:
         return json_response(200, {"status": "ok"})
@@ -91,6 +96,7 @@ def build_app(
             guard.route("/readyz", ready, methods=["GET"], requirement=PUBLIC),
             guard.route("/api/v1/ping", ping, methods=["POST"], requirement=SIGNED_IN),
             *account_routes(guard, accounts, ip_access),
+            *gpu_routes(guard, gpus, preferences),
         ],
         exception_handlers={GpuproxyError: on_error, HTTPException: on_http_error},
     )

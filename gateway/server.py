@@ -37,6 +37,8 @@ from gateway.auth.tokens import TokenAuthority
 from gateway.auth.view import AccessView
 from gateway.config import GatewayConfig
 from gateway.database import engine_for
+from gateway.gpus.preferences import PreferenceStore
+from gateway.gpus.service import GpuService
 from gateway.grpc_service import GPUProxyService
 from gateway.health import Health
 from gateway.http_app import build_app
@@ -119,13 +121,15 @@ async def serve(
     )
     accounts = AccountService(Accounts(engine), ApiKeys(engine), projection, authority, events)
     ip_access = IpAccess(engine, projection, events)
+    preferences = PreferenceStore(engine)
+    gpus = GpuService(caller, preferences, timeout=config.request_timeout)
 
     server = grpc.aio.server(
         interceptors=[GuardInterceptor(gatekeeper, GRPC_METHODS)],
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 * 1024 * 1024)],
     )
     pb_grpc.add_GPUProxyServiceServicer_to_server(
-        GPUProxyService(caller, checks, accounts, config), server
+        GPUProxyService(caller, checks, accounts, config, gpus), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -139,7 +143,16 @@ async def serve(
 
     http = _HttpServer(
         uvicorn.Config(
-            build_app(caller, checks, HttpGuard(gatekeeper), accounts, ip_access, config),
+            build_app(
+                caller,
+                checks,
+                HttpGuard(gatekeeper),
+                accounts,
+                ip_access,
+                config,
+                gpus,
+                preferences,
+            ),
             host=config.bind,
             port=config.http_port,
             log_level=config.log_level.lower(),

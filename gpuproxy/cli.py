@@ -26,6 +26,7 @@ from schemas.subjects import WorkerKind
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
     from workers.common.config import WorkerConfig
+    from workers.provisioner.config import ProvisionerConfig
 
 EXIT_CONFIG = 2
 
@@ -207,22 +208,40 @@ def worker(kind: str) -> None:
             drain_timeout=settings.drain_timeout,
             stream_replicas=settings.stream_replicas,
         )
-        _run(_worker_main(WorkerKind(kind), config))
+        _run(_worker_main(WorkerKind(kind), config, settings))
     except GpuproxyError as exc:
         _fail(exc)
 
 
-async def _worker_main(kind: WorkerKind, config: WorkerConfig) -> None:
+def _provisioner_config(settings: Settings) -> ProvisionerConfig:
+    from workers.provisioner.config import ProvisionerConfig
+
+    # Sim machines end with the supervisor of `gpuproxy up` unless told otherwise.
+    owner = settings.sim_owner_pid or int(os.environ.get(PARENT_PID, "0") or 0)
+    return ProvisionerConfig(
+        sim_dir=settings.sim_dir or settings.data_dir / "sim",
+        sim_owner_pid=owner,
+        providers=settings.providers,
+        placement=settings.placement,
+        pending_seconds=settings.pending_timeout,
+        provisioning_seconds=settings.provisioning_timeout,
+        start_seconds=settings.start_timeout,
+        stop_seconds=settings.stop_timeout,
+        reconcile_seconds=settings.reconcile_interval,
+        meter_seconds=settings.meter_interval,
+        lease_seconds=settings.lease_ttl,
+    )
+
+
+async def _worker_main(kind: WorkerKind, config: WorkerConfig, settings: Settings) -> None:
     from workers.billing.app import build as billing
     from workers.provisioner.app import build as provisioner
     from workers.proxy.app import build as proxy
 
-    build = {
-        WorkerKind.PROVISIONER: provisioner,
-        WorkerKind.PROXY: proxy,
-        WorkerKind.BILLING: billing,
-    }[kind]
-    app = build(config)
+    if kind is WorkerKind.PROVISIONER:
+        app = provisioner(config, _provisioner_config(settings))
+    else:
+        app = {WorkerKind.PROXY: proxy, WorkerKind.BILLING: billing}[kind](config)
     watcher = asyncio.create_task(_watch_parent(app.exit))
     try:
         await app.run(log_level=logging.DEBUG)
@@ -284,3 +303,48 @@ def ping(target: str | None, worker_kind: str, message: str, api_key: str | None
         f"{reply.message!r} answered by {reply.worker_kind} {reply.worker_id} "
         f"(delivery {reply.attempt})"
     )
+
+
+@main.command("sim-upstream")
+@click.option("--port", type=click.IntRange(1, 65535), required=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--model", default=None, help="the model it serves [default: sim-llama-3-8b]")
+@click.option("--ttft-ms", type=click.IntRange(min=0), default=None, help="delay before token 1")
+@click.option(
+    "--token-delay-ms", type=click.IntRange(min=0), default=None, help="delay between tokens"
+)
+@click.option(
+    "--fail",
+    type=click.Choice(["refuse", "slow", "cut", "die"]),
+    default=None,
+    help="fail inference requests this way",
+)
+@click.option(
+    "--fail-rate",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="fraction of requests --fail hits, evenly spread [default: 1]",
+)
+@click.option("--slow-ms", type=click.IntRange(min=0), default=None, help="delay of --fail slow")
+@click.option(
+    "--fail-after", type=click.IntRange(min=0), default=None, help="tokens sent before cut/die"
+)
+@click.option(
+    "--boot-delay-ms", type=click.IntRange(min=0), default=None, help="wait before listening"
+)
+@click.option("--boot-fail", is_flag=True, default=None, help="exit at once: a failed boot")
+@click.option(
+    "--owner-pid",
+    type=click.IntRange(min=1),
+    envvar="GPUPROXY_SIM_OWNER_PID",
+    default=None,
+    help="exit when this process has ended (or set GPUPROXY_SIM_OWNER_PID)",
+)
+def sim_upstream(**options: Any) -> None:
+    """Serve an OpenAI-compatible API with deterministic tokens: a `sim` machine."""
+    import msgspec
+
+    from simulator.upstream import UpstreamOptions, serve
+
+    given = {name: value for name, value in options.items() if value is not None}
+    sys.exit(serve(msgspec.convert(given, UpstreamOptions)))

@@ -12,6 +12,7 @@ from pathlib import Path
 import msgspec
 
 from schemas.errors import ConfigError
+from schemas.gpus import PLACEMENT_STRATEGIES, PROVIDER_ALIASES, ProviderName
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -32,6 +33,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     request_timeout: float
     trusted_proxies: tuple[str, ...] = ()
     auth_attempts_per_minute: int = 60
+    providers: tuple[str, ...] = ()
+    sim_dir: Path | None = None
+    sim_owner_pid: int = 0
+    placement: str = "cheapest"
+    pending_timeout: float = 60.0
+    provisioning_timeout: float = 300.0
+    start_timeout: float = 900.0
+    stop_timeout: float = 300.0
+    reconcile_interval: float = 10.0
+    meter_interval: float = 5.0
+    lease_ttl: float = 10.0
 
 
 DEFAULTS: dict[str, str] = {
@@ -48,6 +60,15 @@ DEFAULTS: dict[str, str] = {
     "GPUPROXY_DRAIN_TIMEOUT": "20",
     "GPUPROXY_REQUEST_TIMEOUT": "30",
     "GPUPROXY_AUTH_ATTEMPTS_PER_MINUTE": "60",
+    "GPUPROXY_SIM_OWNER_PID": "0",
+    "GPUPROXY_PLACEMENT": "cheapest",
+    "GPUPROXY_PENDING_TIMEOUT": "60",
+    "GPUPROXY_PROVISIONING_TIMEOUT": "300",
+    "GPUPROXY_START_TIMEOUT": "900",
+    "GPUPROXY_STOP_TIMEOUT": "300",
+    "GPUPROXY_RECONCILE_INTERVAL": "10",
+    "GPUPROXY_METER_INTERVAL": "5",
+    "GPUPROXY_LEASE_TTL": "10",
 }
 """Every setting with a default; NATS_URL and DATABASE_URL default to the embedded ones."""
 
@@ -129,6 +150,30 @@ def _trusted_proxies(env: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(found)
 
 
+def _providers(env: Mapping[str, str]) -> tuple[str, ...]:
+    found = []
+    for part in env.get("GPUPROXY_PROVIDERS", "").split(","):
+        name = part.strip().lower()
+        if not name:
+            continue
+        if name not in PROVIDER_ALIASES:
+            raise ConfigError(
+                f"unknown provider {part.strip()!r}; known: {', '.join(ProviderName)}",
+                field="GPUPROXY_PROVIDERS",
+            )
+        found.append(str(PROVIDER_ALIASES[name]))
+    return tuple(found)
+
+
+def _placement(env: Mapping[str, str]) -> str:
+    raw = _raw(env, "GPUPROXY_PLACEMENT").lower()
+    if raw not in PLACEMENT_STRATEGIES:
+        raise ConfigError(
+            f"must be one of {', '.join(PLACEMENT_STRATEGIES)}", field="GPUPROXY_PLACEMENT"
+        )
+    return raw
+
+
 def load(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     data_dir = Path(env.get("GPUPROXY_DATA_DIR", DEFAULTS["GPUPROXY_DATA_DIR"])).absolute()
@@ -152,6 +197,19 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         request_timeout=_seconds(env, "GPUPROXY_REQUEST_TIMEOUT", 0.1, 3600),
         trusted_proxies=_trusted_proxies(env),
         auth_attempts_per_minute=_int(env, "GPUPROXY_AUTH_ATTEMPTS_PER_MINUTE", 0, 1_000_000),
+        providers=_providers(env),
+        sim_dir=Path(env["GPUPROXY_SIM_DIR"]).absolute()
+        if env.get("GPUPROXY_SIM_DIR", "").strip()
+        else data_dir / "sim",
+        sim_owner_pid=_int(env, "GPUPROXY_SIM_OWNER_PID", 0, 2**31),
+        placement=_placement(env),
+        pending_timeout=_seconds(env, "GPUPROXY_PENDING_TIMEOUT", 1, 86400),
+        provisioning_timeout=_seconds(env, "GPUPROXY_PROVISIONING_TIMEOUT", 1, 86400),
+        start_timeout=_seconds(env, "GPUPROXY_START_TIMEOUT", 1, 86400),
+        stop_timeout=_seconds(env, "GPUPROXY_STOP_TIMEOUT", 1, 86400),
+        reconcile_interval=_seconds(env, "GPUPROXY_RECONCILE_INTERVAL", 0.1, 3600),
+        meter_interval=_seconds(env, "GPUPROXY_METER_INTERVAL", 0.1, 60),
+        lease_ttl=_seconds(env, "GPUPROXY_LEASE_TTL", 1, 600),
     )
 
 
@@ -182,4 +240,4 @@ def ensure_port_free(bind: str, port: int, field: str) -> None:
 def process_id(kind: str) -> str:
     """A name for one process, unique across hosts and restarts; safe in subject tokens."""
     host = "".join(c if c.isascii() and c.isalnum() else "-" for c in socket.gethostname())[:24]
-    return f"{kind}-{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    return f"{kind}-{host}-{os.getpid()}-{uuid.uuid4().hex[:12]}"

@@ -12,6 +12,7 @@ from typing import Annotated
 import msgspec
 
 from schemas import SCHEMA_VERSION
+from schemas.gpus import LaunchSpec, OfferQuery, ProviderName
 
 MAX_PING_DELAY_MS = 60_000
 
@@ -21,6 +22,8 @@ class CommandBase(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     """Unique per logical request: the client's idempotency key when it sent one."""
     actor: str = ""
     """Who asked: a user id once accounts exist; empty for anonymous system calls."""
+    actor_admin: bool = False
+    """The actor holds the admin scope: it may see and act on every account's resources."""
     issued_at_ms: int = 0
     schema_version: int = SCHEMA_VERSION
 
@@ -33,8 +36,110 @@ class Ping(CommandBase, frozen=True, kw_only=True, tag="ping"):
     """Work time the worker spends before answering, for exercising heartbeats and crashes."""
 
 
-Command = Ping
-"""Every command; grows into a union as worker kinds learn more."""
+MAX_RESERVE_COUNT = 16
+MAX_BATCH_COUNT = 16
+MIN_LEASE_SECONDS = 1
+MAX_LEASE_SECONDS = 30 * 24 * 3600
+DEFAULT_LEASE_SECONDS = 3600
+MAX_READY_SECONDS = 3600
+DEFAULT_READY_SECONDS = 900
+
+
+class SearchOffers(CommandBase, frozen=True, kw_only=True, tag="offers_search"):
+    """Every configured provider's offers that match, cheapest first."""
+
+    query: OfferQuery = OfferQuery()
+
+
+class FindGpu(CommandBase, frozen=True, kw_only=True, tag="gpu_find"):
+    """One offer, or one instance the actor may see, by id."""
+
+    provider: ProviderName
+    id: str
+
+
+class CreateInstance(CommandBase, frozen=True, kw_only=True, tag="instance_create"):
+    """Rent one offer; answers once the provider accepted (the instance is `starting`)."""
+
+    provider: ProviderName
+    offer_id: str
+    spec: LaunchSpec = LaunchSpec()
+
+
+class CreateBatch(CommandBase, frozen=True, kw_only=True, tag="instance_batch"):
+    """Rent the cheapest matching offers, `counts` per provider; each instance stands alone
+    (unlike a reservation, one that fails does not undo the others)."""
+
+    counts: dict[ProviderName, Annotated[int, msgspec.Meta(ge=0, le=MAX_BATCH_COUNT)]]
+    query: OfferQuery = OfferQuery()
+    spec: LaunchSpec = LaunchSpec()
+
+
+class DestroyInstance(CommandBase, frozen=True, kw_only=True, tag="instance_destroy"):
+    instance_id: str
+    provider: ProviderName | None = None
+    """When given, the instance must be at this provider."""
+
+
+class ListInstances(CommandBase, frozen=True, kw_only=True, tag="instance_list"):
+    owner: str = ""
+    """Whose instances; empty: every account's (admins only)."""
+    include_ended: bool = False
+
+
+class Reserve(CommandBase, frozen=True, kw_only=True, tag="reservation_create"):
+    """Create `count` instances, all or nothing, and answer when every one is ready."""
+
+    count: Annotated[int, msgspec.Meta(ge=1, le=MAX_RESERVE_COUNT)]
+    query: OfferQuery = OfferQuery()
+    spec: LaunchSpec = LaunchSpec()
+    strategy: str = ""
+    lease_seconds: Annotated[int, msgspec.Meta(ge=MIN_LEASE_SECONDS, le=MAX_LEASE_SECONDS)] = (
+        DEFAULT_LEASE_SECONDS
+    )
+    ready_seconds: Annotated[int, msgspec.Meta(ge=1, le=MAX_READY_SECONDS)] = DEFAULT_READY_SECONDS
+    """How long the instances may take to become ready before the reservation is undone."""
+
+
+class GetReservation(CommandBase, frozen=True, kw_only=True, tag="reservation_get"):
+    reservation_id: str
+
+
+class ListReservations(CommandBase, frozen=True, kw_only=True, tag="reservation_list"):
+    owner: str = ""
+    """Whose reservations; empty: every account's (admins only)."""
+    include_ended: bool = False
+
+
+class RenewReservation(CommandBase, frozen=True, kw_only=True, tag="reservation_renew"):
+    """Set the lease to end `lease_seconds` from now."""
+
+    reservation_id: str
+    lease_seconds: Annotated[int, msgspec.Meta(ge=MIN_LEASE_SECONDS, le=MAX_LEASE_SECONDS)]
+
+
+class ReleaseReservation(CommandBase, frozen=True, kw_only=True, tag="reservation_release"):
+    """End the lease now: the reservation's instances are destroyed."""
+
+    reservation_id: str
+
+
+ProvisionerCommand = (
+    SearchOffers
+    | FindGpu
+    | CreateInstance
+    | CreateBatch
+    | DestroyInstance
+    | ListInstances
+    | Reserve
+    | GetReservation
+    | ListReservations
+    | RenewReservation
+    | ReleaseReservation
+)
+
+Command = Ping | ProvisionerCommand
+"""Every command; grows as worker kinds learn more."""
 
 
 def name_of(command: CommandBase) -> str:

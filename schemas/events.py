@@ -92,6 +92,58 @@ class IpAccessChanged(EventBase, frozen=True, kw_only=True, tag="ipaccess.change
     cidr: str = ""
 
 
+class InstanceTransitioned(EventBase, frozen=True, kw_only=True, tag="instance.transitioned"):
+    """An instance entered `to_state`; states are never re-entered, so the event id
+    `instance-<id>-<state>` is unique and a republish is stored once."""
+
+    instance_id: str
+    owner: str
+    provider: str
+    from_state: str
+    to_state: str
+    reason: str = ""
+    provider_id: str = ""
+    reservation_id: str = ""
+    price_per_hour_micros: int = 0
+
+
+class ReservationTransitioned(EventBase, frozen=True, kw_only=True, tag="reservation.transitioned"):
+    reservation_id: str
+    owner: str
+    from_state: str
+    to_state: str
+    reason: str = ""
+    instance_ids: tuple[str, ...] = ()
+    lease_expires_at_ms: int = 0
+
+
+class ReservationRenewed(EventBase, frozen=True, kw_only=True, tag="reservation.renewed"):
+    reservation_id: str
+    owner: str
+    lease_expires_at_ms: int
+
+
+class GpuTimeUsed(EventBase, frozen=True, kw_only=True, tag="usage.gpu_time"):
+    """GPU time an instance was billable for, `[start_ms, end_ms)`, at its hourly price.
+
+    Slices are whole minutes from when the provider accepted the create, except the last,
+    which ends exactly when the instance stopped being billable (`final`). The amounts are
+    differences of one running total rounded down, so the slices of an instance add up to
+    exactly its price times its billable time. The event id `gputime-<instance>-<start_ms>`
+    makes a repeat harmless.
+    """
+
+    instance_id: str
+    owner: str
+    provider: str
+    reservation_id: str = ""
+    start_ms: int
+    end_ms: int
+    price_per_hour_micros: int
+    amount_micros: int
+    final: bool = False
+
+
 Event = (
     WorkerStarted
     | WorkerStopped
@@ -103,6 +155,10 @@ Event = (
     | ApiKeyRevoked
     | UserUpdated
     | IpAccessChanged
+    | InstanceTransitioned
+    | ReservationTransitioned
+    | ReservationRenewed
+    | GpuTimeUsed
 )
 
 

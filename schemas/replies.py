@@ -11,6 +11,7 @@ import msgspec
 
 from schemas import SCHEMA_VERSION
 from schemas.errors import ErrorInfo
+from schemas.gpus import GpuOffer, Instance, ProviderName, Reservation
 
 
 class Pong(msgspec.Struct, frozen=True, kw_only=True, tag="pong"):
@@ -21,8 +22,59 @@ class Pong(msgspec.Struct, frozen=True, kw_only=True, tag="pong"):
     """The JetStream delivery count of the command that produced this answer."""
 
 
-Reply = Pong
-"""Every terminal result; grows into a union with the commands."""
+class OfferList(msgspec.Struct, frozen=True, kw_only=True, tag="offers"):
+    offers: list[GpuOffer]
+    unavailable: dict[str, str] = {}
+    """Providers that did not answer the search, with their reason: the list lacks them."""
+
+
+class GpuFound(msgspec.Struct, frozen=True, kw_only=True, tag="gpu"):
+    """Exactly one of the two is set."""
+
+    offer: GpuOffer | None = None
+    instance: Instance | None = None
+
+
+class InstanceView(msgspec.Struct, frozen=True, kw_only=True, tag="instance"):
+    instance: Instance
+    message: str = ""
+
+
+class InstanceList(msgspec.Struct, frozen=True, kw_only=True, tag="instances"):
+    instances: list[Instance]
+
+
+class BatchFailure(msgspec.Struct, frozen=True, kw_only=True):
+    provider: ProviderName
+    error: ErrorInfo
+
+
+class BatchCreated(msgspec.Struct, frozen=True, kw_only=True, tag="batch"):
+    instances: list[Instance]
+    failures: list[BatchFailure] = []
+    """One entry per instance that could not be created, with why."""
+
+
+class ReservationView(msgspec.Struct, frozen=True, kw_only=True, tag="reservation"):
+    reservation: Reservation
+    instances: list[Instance] = []
+
+
+class ReservationList(msgspec.Struct, frozen=True, kw_only=True, tag="reservations"):
+    reservations: list[Reservation]
+
+
+Reply = (
+    Pong
+    | OfferList
+    | GpuFound
+    | InstanceView
+    | InstanceList
+    | BatchCreated
+    | ReservationView
+    | ReservationList
+)
+"""Every terminal result."""
 
 
 class ChunkBase(msgspec.Struct, frozen=True, kw_only=True, tag_field="t"):

@@ -50,6 +50,18 @@ ENDED_SESSIONS_BUCKET = "gpuproxy-ended-sessions"
 """Sessions ended by logout or reuse; their access tokens are refused until they expire."""
 RATE_BUCKET = "gpuproxy-rate"
 """Requests taken per credential per minute, shared by all gateway replicas."""
+STATIC_CLAIMS_BUCKET = "gpuproxy-static-claims"
+"""Which bring-your-own endpoints are rented, by endpoint name: a claim is one instance."""
+
+INSTANCES_BUCKET = "gpuproxy-instances"
+"""The instance registry (`schemas.gpus.Instance` by id), changed only by revision-checked
+updates: the shared, honest picture of every rented machine."""
+RESERVATIONS_BUCKET = "gpuproxy-reservations"
+"""Reservations (`schemas.gpus.Reservation` by id), revision-checked like the registry."""
+LEASES_BUCKET = "gpuproxy-leases"
+"""Short leases that elect one replica for a singleton job (the provisioner's reconciler);
+a holder that dies stops renewing and its lease ages out."""
+LEASE_TTL_SECONDS = 10.0
 
 MAX_ACCESS_TTL_SECONDS = 24 * 3600
 """The longest an access token may live; ended sessions are remembered a little longer."""
@@ -116,3 +128,20 @@ def ended_sessions_bucket(replicas: int = 1) -> KeyValueSpec:
 def rate_bucket(replicas: int = 1) -> KeyValueSpec:
     # A window's counter is read for one minute; two more cover clocks that disagree a little.
     return KeyValueSpec(bucket=RATE_BUCKET, ttl_seconds=180.0, replicas=replicas)
+
+
+def instances_bucket(replicas: int = 1) -> KeyValueSpec:
+    return KeyValueSpec(bucket=INSTANCES_BUCKET, ttl_seconds=0.0, replicas=replicas)
+
+
+def reservations_bucket(replicas: int = 1) -> KeyValueSpec:
+    return KeyValueSpec(bucket=RESERVATIONS_BUCKET, ttl_seconds=0.0, replicas=replicas)
+
+
+def leases_bucket(replicas: int = 1, ttl_seconds: float = LEASE_TTL_SECONDS) -> KeyValueSpec:
+    return KeyValueSpec(bucket=LEASES_BUCKET, ttl_seconds=ttl_seconds, replicas=replicas)
+
+
+def static_claims_bucket(replicas: int = 1) -> KeyValueSpec:
+    # A claim lasts until its instance is destroyed, however long that is.
+    return KeyValueSpec(bucket=STATIC_CLAIMS_BUCKET, ttl_seconds=0.0, replicas=replicas)

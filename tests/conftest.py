@@ -96,6 +96,10 @@ async def _purge(url: str) -> None:
         topology.ACCESS_BUCKET,
         topology.ENDED_SESSIONS_BUCKET,
         topology.RATE_BUCKET,
+        topology.INSTANCES_BUCKET,
+        topology.RESERVATIONS_BUCKET,
+        topology.LEASES_BUCKET,
+        topology.STATIC_CLAIMS_BUCKET,
     ):
         with contextlib.suppress(NotFoundError):
             await js.delete_key_value(bucket)

@@ -9,6 +9,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -97,3 +98,15 @@ class IpAccessLogRow(Base):
     reason: Mapped[str] = mapped_column(String(200))
     endpoint: Mapped[str] = mapped_column(String(200))
     at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class GpuPreferenceRow(Base):
+    """A user's defaults for reservations, as JSON (`gateway.gpus.preferences.Preferences`)."""
+
+    __tablename__ = "gpu_preferences"
+
+    user_id: Mapped[str] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    body: Mapped[str] = mapped_column(Text)
+    updated_at_ms: Mapped[int] = mapped_column(BigInteger)

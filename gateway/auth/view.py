@@ -17,6 +17,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
+from bus.records import follow
 from bus.topology import declare_bucket
 from schemas import topology
 from schemas.access import (
@@ -29,8 +30,6 @@ from schemas.access import (
 )
 
 log = logging.getLogger("gpuproxy.gateway.access")
-
-_DELETED = ("DEL", "PURGE")
 
 Record = UserAccess | KeyAccess | EndedSession
 
@@ -61,24 +60,13 @@ class _Mirror:
         await loaded
 
     async def _follow(self, loaded: asyncio.Future[None]) -> None:
-        while True:
-            try:
-                entry = await self._watcher.updates(timeout=3600)
-            except TimeoutError:
-                continue
-            except Exception:
-                log.exception("watching %s failed; retrying", self._name)
-                await asyncio.sleep(1)
-                continue
-            if entry is None:
-                # The marker after the initial values: the copy has caught up.
-                if not loaded.done():
-                    loaded.set_result(None)
-                continue
-            if entry.operation in _DELETED or entry.value is None:
-                self.values.pop(entry.key, None)
-            else:
-                self._keep(entry.key, entry.value)
+        await follow(self._watcher, self._name, self._apply, loaded)
+
+    def _apply(self, key: str, revision: int, raw: bytes | None) -> None:
+        if raw is None:
+            self.values.pop(key, None)
+        else:
+            self._keep(key, raw)
 
     def _keep(self, key: str, raw: bytes) -> Record | None:
         try:

@@ -201,6 +201,7 @@ class ListGPUInstancesRequest(_message.Message):
     MAX_PRICE_FIELD_NUMBER: _builtins.int
     GPU_MODEL_FIELD_NUMBER: _builtins.int
     MAX_PRICE_MICROS_FIELD_NUMBER: _builtins.int
+    LOCATION_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     """"vast.ai", "io.net", ... or "all"."""
     min_vram: _builtins.float
@@ -209,6 +210,8 @@ class ListGPUInstancesRequest(_message.Message):
     gpu_model: _builtins.str
     max_price_micros: _builtins.int
     """exact amount in micro-units; when set (non-zero) it wins over the double"""
+    location: _builtins.str
+    """Location prefix, e.g. "US" or "EU-DE"."""
     def __init__(
         self,
         *,
@@ -217,10 +220,11 @@ class ListGPUInstancesRequest(_message.Message):
         max_price: _builtins.float = ...,
         gpu_model: _builtins.str = ...,
         max_price_micros: _builtins.int = ...,
+        location: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpu_model", b"gpu_model", "max_price", b"max_price", "max_price_micros", b"max_price_micros", "min_vram", b"min_vram", "provider", b"provider"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpu_model", b"gpu_model", "location", b"location", "max_price", b"max_price", "max_price_micros", b"max_price_micros", "min_vram", b"min_vram", "provider", b"provider"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -262,6 +266,17 @@ class GPUInstance(_message.Message):
     LOCATION_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     PRICE_PER_HOUR_MICROS_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    OFFER_ID_FIELD_NUMBER: _builtins.int
+    RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    VENDOR_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    PROVIDER_INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     provider: _builtins.str
     status: _builtins.str
@@ -273,6 +288,24 @@ class GPUInstance(_message.Message):
     location: _builtins.str
     price_per_hour_micros: _builtins.int
     """exact amount in micro-units; when set (non-zero) it wins over the double"""
+    kind: _builtins.str
+    """"offer" (rentable; `id` is what CreateGPUInstance takes) or "instance" (rented)."""
+    reason: _builtins.str
+    """Why an instance is in its status; always set for failed, preempted and terminated."""
+    endpoint: _builtins.str
+    """Base URL of an instance's OpenAI-compatible API, once it runs."""
+    offer_id: _builtins.str
+    """The offer an instance was rented from."""
+    reservation_id: _builtins.str
+    created_at: _builtins.int
+    """Unix seconds."""
+    vendor: _builtins.str
+    tier: _builtins.str
+    available: _builtins.int
+    """Offers: machines of this offer that can still be rented."""
+    provider_instance_id: _builtins.str
+    """Instances: the provider's own id of the machine."""
+    owner: _builtins.str
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Provider-specific extra facts."""
@@ -290,10 +323,21 @@ class GPUInstance(_message.Message):
         location: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         price_per_hour_micros: _builtins.int = ...,
+        kind: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        endpoint: _builtins.str = ...,
+        offer_id: _builtins.str = ...,
+        reservation_id: _builtins.str = ...,
+        created_at: _builtins.int = ...,
+        vendor: _builtins.str = ...,
+        tier: _builtins.str = ...,
+        available: _builtins.int = ...,
+        provider_instance_id: _builtins.str = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpu_model", b"gpu_model", "id", b"id", "location", b"location", "metadata", b"metadata", "num_gpus", b"num_gpus", "price_per_hour", b"price_per_hour", "price_per_hour_micros", b"price_per_hour_micros", "provider", b"provider", "status", b"status", "vram_gb", b"vram_gb"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "created_at", b"created_at", "endpoint", b"endpoint", "gpu_model", b"gpu_model", "id", b"id", "kind", b"kind", "location", b"location", "metadata", b"metadata", "num_gpus", b"num_gpus", "offer_id", b"offer_id", "owner", b"owner", "price_per_hour", b"price_per_hour", "price_per_hour_micros", b"price_per_hour_micros", "provider", b"provider", "provider_instance_id", b"provider_instance_id", "reason", b"reason", "reservation_id", b"reservation_id", "status", b"status", "tier", b"tier", "vendor", b"vendor", "vram_gb", b"vram_gb"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -305,20 +349,46 @@ class ListGPUInstancesResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class UnavailableProvidersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     INSTANCES_FIELD_NUMBER: _builtins.int
     TOTAL_COUNT_FIELD_NUMBER: _builtins.int
+    UNAVAILABLE_PROVIDERS_FIELD_NUMBER: _builtins.int
     total_count: _builtins.int
     @_builtins.property
     def instances(self) -> _containers.RepeatedCompositeFieldContainer[Global___GPUInstance]: ...
+    @_builtins.property
+    def unavailable_providers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Providers that did not answer the search, with why: the list lacks their offers."""
+
     def __init__(
         self,
         *,
         instances: _abc.Iterable[Global___GPUInstance] | None = ...,
         total_count: _builtins.int = ...,
+        unavailable_providers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instances", b"instances", "total_count", b"total_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instances", b"instances", "total_count", b"total_count", "unavailable_providers", b"unavailable_providers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -355,11 +425,14 @@ class CreateGPUInstanceRequest(_message.Message):
     IMAGE_FIELD_NUMBER: _builtins.int
     ENV_FIELD_NUMBER: _builtins.int
     PORTS_FIELD_NUMBER: _builtins.int
+    DISK_GB_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     instance_id: _builtins.str
     """The provider's offer or instance id."""
     image: _builtins.str
     """Container image to run."""
+    disk_gb: _builtins.int
+    """Disk in GB; zero means the provider's default."""
     @_builtins.property
     def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Environment variables of the container."""
@@ -376,10 +449,11 @@ class CreateGPUInstanceRequest(_message.Message):
         image: _builtins.str = ...,
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         ports: _abc.Iterable[_builtins.int] | None = ...,
+        disk_gb: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["env", b"env", "image", b"image", "instance_id", b"instance_id", "ports", b"ports", "provider", b"provider"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disk_gb", b"disk_gb", "env", b"env", "image", b"image", "instance_id", b"instance_id", "ports", b"ports", "provider", b"provider"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -395,10 +469,13 @@ class CreateGPUInstanceResponse(_message.Message):
     PROVIDER_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    INSTANCE_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     provider: _builtins.str
     status: _builtins.str
     message: _builtins.str
+    @_builtins.property
+    def instance(self) -> Global___GPUInstance: ...
     def __init__(
         self,
         *,
@@ -406,10 +483,11 @@ class CreateGPUInstanceResponse(_message.Message):
         provider: _builtins.str = ...,
         status: _builtins.str = ...,
         message: _builtins.str = ...,
+        instance: Global___GPUInstance | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["instance", b"instance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "message", b"message", "provider", b"provider", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance", b"instance", "instance_id", b"instance_id", "message", b"message", "provider", b"provider", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -447,17 +525,21 @@ class DestroyGPUInstanceResponse(_message.Message):
 
     SUCCESS_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    INSTANCE_FIELD_NUMBER: _builtins.int
     success: _builtins.bool
     message: _builtins.str
+    @_builtins.property
+    def instance(self) -> Global___GPUInstance: ...
     def __init__(
         self,
         *,
         success: _builtins.bool = ...,
         message: _builtins.str = ...,
+        instance: Global___GPUInstance | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["instance", b"instance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "success", b"success"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance", b"instance", "message", b"message", "success", b"success"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1090,11 +1172,40 @@ class ReserveGPUsRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class EnvEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     COUNT_FIELD_NUMBER: _builtins.int
     PROVIDER_FIELD_NUMBER: _builtins.int
     MIN_VRAM_FIELD_NUMBER: _builtins.int
     MAX_PRICE_FIELD_NUMBER: _builtins.int
     MAX_PRICE_MICROS_FIELD_NUMBER: _builtins.int
+    GPU_MODEL_FIELD_NUMBER: _builtins.int
+    LOCATION_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    ENV_FIELD_NUMBER: _builtins.int
+    PORTS_FIELD_NUMBER: _builtins.int
+    DISK_GB_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    LEASE_SECONDS_FIELD_NUMBER: _builtins.int
+    READY_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     count: _builtins.int
     provider: _builtins.str
     min_vram: _builtins.float
@@ -1102,6 +1213,23 @@ class ReserveGPUsRequest(_message.Message):
     """Compatibility only; prefer max_price_micros."""
     max_price_micros: _builtins.int
     """exact amount in micro-units; when set (non-zero) it wins over the double"""
+    gpu_model: _builtins.str
+    """Case-insensitive part of the GPU model, e.g. "A100"."""
+    location: _builtins.str
+    """Location prefix, e.g. "US" or "EU-DE"."""
+    image: _builtins.str
+    """What to run on each instance; empty image means the provider's default server."""
+    disk_gb: _builtins.int
+    strategy: _builtins.str
+    """"cheapest" (default), "spread" or "performance"."""
+    lease_seconds: _builtins.int
+    """Lease length in seconds; zero means one hour. Renew or release it later."""
+    ready_timeout_seconds: _builtins.int
+    """How long the instances may take to become ready; zero means 900."""
+    @_builtins.property
+    def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def ports(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
@@ -1110,10 +1238,19 @@ class ReserveGPUsRequest(_message.Message):
         min_vram: _builtins.float = ...,
         max_price: _builtins.float = ...,
         max_price_micros: _builtins.int = ...,
+        gpu_model: _builtins.str = ...,
+        location: _builtins.str = ...,
+        image: _builtins.str = ...,
+        env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        ports: _abc.Iterable[_builtins.int] | None = ...,
+        disk_gb: _builtins.int = ...,
+        strategy: _builtins.str = ...,
+        lease_seconds: _builtins.int = ...,
+        ready_timeout_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "max_price", b"max_price", "max_price_micros", b"max_price_micros", "min_vram", b"min_vram", "provider", b"provider"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "disk_gb", b"disk_gb", "env", b"env", "gpu_model", b"gpu_model", "image", b"image", "lease_seconds", b"lease_seconds", "location", b"location", "max_price", b"max_price", "max_price_micros", b"max_price_micros", "min_vram", b"min_vram", "ports", b"ports", "provider", b"provider", "ready_timeout_seconds", b"ready_timeout_seconds", "strategy", b"strategy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1128,24 +1265,357 @@ class ReserveGPUsResponse(_message.Message):
     RESERVED_INSTANCES_FIELD_NUMBER: _builtins.int
     RESERVED_COUNT_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    RESERVATION_FIELD_NUMBER: _builtins.int
     reserved_count: _builtins.int
     message: _builtins.str
     @_builtins.property
     def reserved_instances(self) -> _containers.RepeatedCompositeFieldContainer[Global___GPUInstance]: ...
+    @_builtins.property
+    def reservation(self) -> Global___Reservation: ...
     def __init__(
         self,
         *,
         reserved_instances: _abc.Iterable[Global___GPUInstance] | None = ...,
         reserved_count: _builtins.int = ...,
         message: _builtins.str = ...,
+        reservation: Global___Reservation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reservation", b"reservation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "reserved_count", b"reserved_count", "reserved_instances", b"reserved_instances"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "reservation", b"reservation", "reserved_count", b"reserved_count", "reserved_instances", b"reserved_instances"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReserveGPUsResponse: _TypeAlias = ReserveGPUsResponse  # noqa: Y015
+
+@_typing.final
+class Reservation(_message.Message):
+    """A set of instances created together and held under a lease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    INSTANCES_FIELD_NUMBER: _builtins.int
+    LEASE_SECONDS_FIELD_NUMBER: _builtins.int
+    LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    owner: _builtins.str
+    state: _builtins.str
+    """pending, active, releasing, released, expired or failed."""
+    reason: _builtins.str
+    count: _builtins.int
+    lease_seconds: _builtins.int
+    lease_expires_at: _builtins.int
+    """Unix seconds; zero until the reservation is active."""
+    created_at: _builtins.int
+    strategy: _builtins.str
+    @_builtins.property
+    def instances(self) -> _containers.RepeatedCompositeFieldContainer[Global___GPUInstance]: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        owner: _builtins.str = ...,
+        state: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        count: _builtins.int = ...,
+        instances: _abc.Iterable[Global___GPUInstance] | None = ...,
+        lease_seconds: _builtins.int = ...,
+        lease_expires_at: _builtins.int = ...,
+        created_at: _builtins.int = ...,
+        strategy: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "created_at", b"created_at", "id", b"id", "instances", b"instances", "lease_expires_at", b"lease_expires_at", "lease_seconds", b"lease_seconds", "owner", b"owner", "reason", b"reason", "state", b"state", "strategy", b"strategy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Reservation: _TypeAlias = Reservation  # noqa: Y015
+
+@_typing.final
+class GetReservationRequest(_message.Message):
+    """Names a reservation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    reservation_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        reservation_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reservation_id", b"reservation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReservationRequest: _TypeAlias = GetReservationRequest  # noqa: Y015
+
+@_typing.final
+class ReservationResponse(_message.Message):
+    """One reservation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESERVATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def reservation(self) -> Global___Reservation: ...
+    def __init__(
+        self,
+        *,
+        reservation: Global___Reservation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reservation", b"reservation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reservation", b"reservation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReservationResponse: _TypeAlias = ReservationResponse  # noqa: Y015
+
+@_typing.final
+class ListReservationsRequest(_message.Message):
+    """Which reservations to list."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INCLUDE_ENDED_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    include_ended: _builtins.bool
+    """Also those that ended (released, expired, failed)."""
+    user_id: _builtins.str
+    """Another account's (admins only); empty means the caller's."""
+    def __init__(
+        self,
+        *,
+        include_ended: _builtins.bool = ...,
+        user_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_ended", b"include_ended", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReservationsRequest: _TypeAlias = ListReservationsRequest  # noqa: Y015
+
+@_typing.final
+class ListReservationsResponse(_message.Message):
+    """The reservations found."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESERVATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def reservations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Reservation]: ...
+    def __init__(
+        self,
+        *,
+        reservations: _abc.Iterable[Global___Reservation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reservations", b"reservations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReservationsResponse: _TypeAlias = ListReservationsResponse  # noqa: Y015
+
+@_typing.final
+class RenewReservationRequest(_message.Message):
+    """The new lease of a reservation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    LEASE_SECONDS_FIELD_NUMBER: _builtins.int
+    reservation_id: _builtins.str
+    lease_seconds: _builtins.int
+    def __init__(
+        self,
+        *,
+        reservation_id: _builtins.str = ...,
+        lease_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_seconds", b"lease_seconds", "reservation_id", b"reservation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewReservationRequest: _TypeAlias = RenewReservationRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseReservationRequest(_message.Message):
+    """Names the reservation to release."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    reservation_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        reservation_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reservation_id", b"reservation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseReservationRequest: _TypeAlias = ReleaseReservationRequest  # noqa: Y015
+
+@_typing.final
+class ListOwnedGPUInstancesRequest(_message.Message):
+    """Which instances to list."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INCLUDE_ENDED_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    include_ended: _builtins.bool
+    """Also those that ended (terminated, failed, preempted)."""
+    user_id: _builtins.str
+    """Another account's (admins only); empty means the caller's."""
+    def __init__(
+        self,
+        *,
+        include_ended: _builtins.bool = ...,
+        user_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_ended", b"include_ended", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListOwnedGPUInstancesRequest: _TypeAlias = ListOwnedGPUInstancesRequest  # noqa: Y015
+
+@_typing.final
+class BatchCreateGPUInstancesRequest(_message.Message):
+    """How many instances to rent at each provider, and what to run on them."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class CountsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    VASTAI_COUNT_FIELD_NUMBER: _builtins.int
+    IONET_COUNT_FIELD_NUMBER: _builtins.int
+    COUNTS_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
+    FILTERS_FIELD_NUMBER: _builtins.int
+    vastai_count: _builtins.int
+    ionet_count: _builtins.int
+    @_builtins.property
+    def counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Counts for any provider by name ("sim", "static", "vastai", "ionet")."""
+
+    @_builtins.property
+    def config(self) -> Global___CreateGPUInstanceRequest:
+        """Image, env, ports and disk for every instance (provider and instance_id are ignored)."""
+
+    @_builtins.property
+    def filters(self) -> Global___ListGPUInstancesRequest:
+        """Filters on the offers to pick from."""
+
+    def __init__(
+        self,
+        *,
+        vastai_count: _builtins.int = ...,
+        ionet_count: _builtins.int = ...,
+        counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        config: Global___CreateGPUInstanceRequest | None = ...,
+        filters: Global___ListGPUInstancesRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "filters", b"filters"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "counts", b"counts", "filters", b"filters", "ionet_count", b"ionet_count", "vastai_count", b"vastai_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchCreateGPUInstancesRequest: _TypeAlias = BatchCreateGPUInstancesRequest  # noqa: Y015
+
+@_typing.final
+class BatchFailure(_message.Message):
+    """An instance a batch could not create."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    provider: _builtins.str
+    code: _builtins.str
+    """The error code, e.g. "failed_precondition" or "unavailable"."""
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        provider: _builtins.str = ...,
+        code: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "provider", b"provider"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchFailure: _TypeAlias = BatchFailure  # noqa: Y015
+
+@_typing.final
+class BatchCreateGPUInstancesResponse(_message.Message):
+    """What a batch created and what it could not."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCES_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def instances(self) -> _containers.RepeatedCompositeFieldContainer[Global___GPUInstance]: ...
+    @_builtins.property
+    def failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchFailure]: ...
+    def __init__(
+        self,
+        *,
+        instances: _abc.Iterable[Global___GPUInstance] | None = ...,
+        failures: _abc.Iterable[Global___BatchFailure] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failures", b"failures", "instances", b"instances"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchCreateGPUInstancesResponse: _TypeAlias = BatchCreateGPUInstancesResponse  # noqa: Y015
 
 @_typing.final
 class CUICMessageRequest(_message.Message):

@@ -131,6 +131,36 @@ class GPUProxyServiceStub:
                 request_serializer=gpuproxy__pb2.PingRequest.SerializeToString,
                 response_deserializer=gpuproxy__pb2.PingResponse.FromString,
                 _registered_method=True)
+        self.BatchCreateGPUInstances = channel.unary_unary(
+                '/gpuproxy.GPUProxyService/BatchCreateGPUInstances',
+                request_serializer=gpuproxy__pb2.BatchCreateGPUInstancesRequest.SerializeToString,
+                response_deserializer=gpuproxy__pb2.BatchCreateGPUInstancesResponse.FromString,
+                _registered_method=True)
+        self.ListOwnedGPUInstances = channel.unary_unary(
+                '/gpuproxy.GPUProxyService/ListOwnedGPUInstances',
+                request_serializer=gpuproxy__pb2.ListOwnedGPUInstancesRequest.SerializeToString,
+                response_deserializer=gpuproxy__pb2.ListGPUInstancesResponse.FromString,
+                _registered_method=True)
+        self.GetReservation = channel.unary_unary(
+                '/gpuproxy.GPUProxyService/GetReservation',
+                request_serializer=gpuproxy__pb2.GetReservationRequest.SerializeToString,
+                response_deserializer=gpuproxy__pb2.ReservationResponse.FromString,
+                _registered_method=True)
+        self.ListReservations = channel.unary_unary(
+                '/gpuproxy.GPUProxyService/ListReservations',
+                request_serializer=gpuproxy__pb2.ListReservationsRequest.SerializeToString,
+                response_deserializer=gpuproxy__pb2.ListReservationsResponse.FromString,
+                _registered_method=True)
+        self.RenewReservation = channel.unary_unary(
+                '/gpuproxy.GPUProxyService/RenewReservation',
+                request_serializer=gpuproxy__pb2.RenewReservationRequest.SerializeToString,
+                response_deserializer=gpuproxy__pb2.ReservationResponse.FromString,
+                _registered_method=True)
+        self.ReleaseReservation = channel.unary_unary(
+                '/gpuproxy.GPUProxyService/ReleaseReservation',
+                request_serializer=gpuproxy__pb2.ReleaseReservationRequest.SerializeToString,
+                response_deserializer=gpuproxy__pb2.ReservationResponse.FromString,
+                _registered_method=True)
 
 
 class GPUProxyServiceServicer:
@@ -272,6 +302,48 @@ class GPUProxyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchCreateGPUInstances(self, request, context):
+        """Rents the cheapest matching offers, a number per provider; each instance stands alone.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOwnedGPUInstances(self, request, context):
+        """Lists the caller's own instances (an admin may name another account).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReservation(self, request, context):
+        """Returns one reservation with its instances.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListReservations(self, request, context):
+        """Lists the caller's reservations (an admin may name another account).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewReservation(self, request, context):
+        """Moves a reservation's lease end to `lease_seconds` from now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseReservation(self, request, context):
+        """Ends a reservation now and destroys its instances.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GPUProxyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -369,6 +441,36 @@ def add_GPUProxyServiceServicer_to_server(servicer, server):
                     servicer.Ping,
                     request_deserializer=gpuproxy__pb2.PingRequest.FromString,
                     response_serializer=gpuproxy__pb2.PingResponse.SerializeToString,
+            ),
+            'BatchCreateGPUInstances': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchCreateGPUInstances,
+                    request_deserializer=gpuproxy__pb2.BatchCreateGPUInstancesRequest.FromString,
+                    response_serializer=gpuproxy__pb2.BatchCreateGPUInstancesResponse.SerializeToString,
+            ),
+            'ListOwnedGPUInstances': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOwnedGPUInstances,
+                    request_deserializer=gpuproxy__pb2.ListOwnedGPUInstancesRequest.FromString,
+                    response_serializer=gpuproxy__pb2.ListGPUInstancesResponse.SerializeToString,
+            ),
+            'GetReservation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReservation,
+                    request_deserializer=gpuproxy__pb2.GetReservationRequest.FromString,
+                    response_serializer=gpuproxy__pb2.ReservationResponse.SerializeToString,
+            ),
+            'ListReservations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReservations,
+                    request_deserializer=gpuproxy__pb2.ListReservationsRequest.FromString,
+                    response_serializer=gpuproxy__pb2.ListReservationsResponse.SerializeToString,
+            ),
+            'RenewReservation': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewReservation,
+                    request_deserializer=gpuproxy__pb2.RenewReservationRequest.FromString,
+                    response_serializer=gpuproxy__pb2.ReservationResponse.SerializeToString,
+            ),
+            'ReleaseReservation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseReservation,
+                    request_deserializer=gpuproxy__pb2.ReleaseReservationRequest.FromString,
+                    response_serializer=gpuproxy__pb2.ReservationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -886,6 +988,168 @@ class GPUProxyService:
             '/gpuproxy.GPUProxyService/Ping',
             gpuproxy__pb2.PingRequest.SerializeToString,
             gpuproxy__pb2.PingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchCreateGPUInstances(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuproxy.GPUProxyService/BatchCreateGPUInstances',
+            gpuproxy__pb2.BatchCreateGPUInstancesRequest.SerializeToString,
+            gpuproxy__pb2.BatchCreateGPUInstancesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOwnedGPUInstances(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuproxy.GPUProxyService/ListOwnedGPUInstances',
+            gpuproxy__pb2.ListOwnedGPUInstancesRequest.SerializeToString,
+            gpuproxy__pb2.ListGPUInstancesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReservation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuproxy.GPUProxyService/GetReservation',
+            gpuproxy__pb2.GetReservationRequest.SerializeToString,
+            gpuproxy__pb2.ReservationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReservations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuproxy.GPUProxyService/ListReservations',
+            gpuproxy__pb2.ListReservationsRequest.SerializeToString,
+            gpuproxy__pb2.ListReservationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewReservation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuproxy.GPUProxyService/RenewReservation',
+            gpuproxy__pb2.RenewReservationRequest.SerializeToString,
+            gpuproxy__pb2.ReservationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseReservation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuproxy.GPUProxyService/ReleaseReservation',
+            gpuproxy__pb2.ReleaseReservationRequest.SerializeToString,
+            gpuproxy__pb2.ReservationResponse.FromString,
             options,
             channel_credentials,
             insecure,

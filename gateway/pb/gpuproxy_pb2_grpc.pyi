@@ -85,6 +85,18 @@ class GPUProxyServiceStub:
     """Round-trips a message through one worker kind over the bus: proves gateway, bus and
     worker are connected end to end.
     """
+    BatchCreateGPUInstances: _grpc.UnaryUnaryMultiCallable[_gpuproxy_pb2.BatchCreateGPUInstancesRequest, _gpuproxy_pb2.BatchCreateGPUInstancesResponse]
+    """Rents the cheapest matching offers, a number per provider; each instance stands alone."""
+    ListOwnedGPUInstances: _grpc.UnaryUnaryMultiCallable[_gpuproxy_pb2.ListOwnedGPUInstancesRequest, _gpuproxy_pb2.ListGPUInstancesResponse]
+    """Lists the caller's own instances (an admin may name another account)."""
+    GetReservation: _grpc.UnaryUnaryMultiCallable[_gpuproxy_pb2.GetReservationRequest, _gpuproxy_pb2.ReservationResponse]
+    """Returns one reservation with its instances."""
+    ListReservations: _grpc.UnaryUnaryMultiCallable[_gpuproxy_pb2.ListReservationsRequest, _gpuproxy_pb2.ListReservationsResponse]
+    """Lists the caller's reservations (an admin may name another account)."""
+    RenewReservation: _grpc.UnaryUnaryMultiCallable[_gpuproxy_pb2.RenewReservationRequest, _gpuproxy_pb2.ReservationResponse]
+    """Moves a reservation's lease end to `lease_seconds` from now."""
+    ReleaseReservation: _grpc.UnaryUnaryMultiCallable[_gpuproxy_pb2.ReleaseReservationRequest, _gpuproxy_pb2.ReservationResponse]
+    """Ends a reservation now and destroys its instances."""
 
 @_typing.type_check_only
 class GPUProxyServiceAsyncStub(GPUProxyServiceStub):
@@ -133,6 +145,18 @@ class GPUProxyServiceAsyncStub(GPUProxyServiceStub):
     """Round-trips a message through one worker kind over the bus: proves gateway, bus and
     worker are connected end to end.
     """
+    BatchCreateGPUInstances: _aio.UnaryUnaryMultiCallable[_gpuproxy_pb2.BatchCreateGPUInstancesRequest, _gpuproxy_pb2.BatchCreateGPUInstancesResponse]  # type: ignore[assignment]
+    """Rents the cheapest matching offers, a number per provider; each instance stands alone."""
+    ListOwnedGPUInstances: _aio.UnaryUnaryMultiCallable[_gpuproxy_pb2.ListOwnedGPUInstancesRequest, _gpuproxy_pb2.ListGPUInstancesResponse]  # type: ignore[assignment]
+    """Lists the caller's own instances (an admin may name another account)."""
+    GetReservation: _aio.UnaryUnaryMultiCallable[_gpuproxy_pb2.GetReservationRequest, _gpuproxy_pb2.ReservationResponse]  # type: ignore[assignment]
+    """Returns one reservation with its instances."""
+    ListReservations: _aio.UnaryUnaryMultiCallable[_gpuproxy_pb2.ListReservationsRequest, _gpuproxy_pb2.ListReservationsResponse]  # type: ignore[assignment]
+    """Lists the caller's reservations (an admin may name another account)."""
+    RenewReservation: _aio.UnaryUnaryMultiCallable[_gpuproxy_pb2.RenewReservationRequest, _gpuproxy_pb2.ReservationResponse]  # type: ignore[assignment]
+    """Moves a reservation's lease end to `lease_seconds` from now."""
+    ReleaseReservation: _aio.UnaryUnaryMultiCallable[_gpuproxy_pb2.ReleaseReservationRequest, _gpuproxy_pb2.ReservationResponse]  # type: ignore[assignment]
+    """Ends a reservation now and destroys its instances."""
 
 class GPUProxyServiceServicer(metaclass=_abc_1.ABCMeta):
     """The one service of gpuproxy: accounts, GPU instances, inference proxying, billing, load
@@ -292,5 +316,53 @@ class GPUProxyServiceServicer(metaclass=_abc_1.ABCMeta):
         """Round-trips a message through one worker kind over the bus: proves gateway, bus and
         worker are connected end to end.
         """
+
+    @_abc_1.abstractmethod
+    def BatchCreateGPUInstances(
+        self,
+        request: _gpuproxy_pb2.BatchCreateGPUInstancesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gpuproxy_pb2.BatchCreateGPUInstancesResponse, _abc.Awaitable[_gpuproxy_pb2.BatchCreateGPUInstancesResponse]]:
+        """Rents the cheapest matching offers, a number per provider; each instance stands alone."""
+
+    @_abc_1.abstractmethod
+    def ListOwnedGPUInstances(
+        self,
+        request: _gpuproxy_pb2.ListOwnedGPUInstancesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gpuproxy_pb2.ListGPUInstancesResponse, _abc.Awaitable[_gpuproxy_pb2.ListGPUInstancesResponse]]:
+        """Lists the caller's own instances (an admin may name another account)."""
+
+    @_abc_1.abstractmethod
+    def GetReservation(
+        self,
+        request: _gpuproxy_pb2.GetReservationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gpuproxy_pb2.ReservationResponse, _abc.Awaitable[_gpuproxy_pb2.ReservationResponse]]:
+        """Returns one reservation with its instances."""
+
+    @_abc_1.abstractmethod
+    def ListReservations(
+        self,
+        request: _gpuproxy_pb2.ListReservationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gpuproxy_pb2.ListReservationsResponse, _abc.Awaitable[_gpuproxy_pb2.ListReservationsResponse]]:
+        """Lists the caller's reservations (an admin may name another account)."""
+
+    @_abc_1.abstractmethod
+    def RenewReservation(
+        self,
+        request: _gpuproxy_pb2.RenewReservationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gpuproxy_pb2.ReservationResponse, _abc.Awaitable[_gpuproxy_pb2.ReservationResponse]]:
+        """Moves a reservation's lease end to `lease_seconds` from now."""
+
+    @_abc_1.abstractmethod
+    def ReleaseReservation(
+        self,
+        request: _gpuproxy_pb2.ReleaseReservationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gpuproxy_pb2.ReservationResponse, _abc.Awaitable[_gpuproxy_pb2.ReservationResponse]]:
+        """Ends a reservation now and destroys its instances."""
 
 def add_GPUProxyServiceServicer_to_server(servicer: GPUProxyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

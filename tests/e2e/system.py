@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,16 +25,18 @@ from gateway.database import engine_for
 from gateway.server import serve
 from schemas.access import SCOPES_BY_ROLE, Role
 from schemas.subjects import WorkerKind
+from simulator.market import Market
 from tests.conftest import free_port
+from tests.provisioner.harness import fast_config
 from workers.billing.app import build as billing
 from workers.common.config import WorkerConfig
 from workers.provisioner.app import build as provisioner
+from workers.provisioner.config import ProvisionerConfig
 from workers.proxy.app import build as proxy
 
 OPERATOR_PASSWORD = "operator password 1"
 
 BUILDERS = {
-    WorkerKind.PROVISIONER: provisioner,
     WorkerKind.PROXY: proxy,
     WorkerKind.BILLING: billing,
 }
@@ -55,15 +59,24 @@ class System(msgspec.Struct, kw_only=True):
 
 
 @asynccontextmanager
-async def worker_app(kind: WorkerKind, nats_url: str) -> AsyncIterator[FastStream]:
-    app = BUILDERS[kind](
-        WorkerConfig(nats_url=nats_url, worker_id=f"{kind}-{uuid.uuid4().hex[:6]}")
-    )
-    await app.start()
-    try:
-        yield app
-    finally:
-        await app.stop()
+async def worker_app(
+    kind: WorkerKind, nats_url: str, provisioning: ProvisionerConfig | None = None
+) -> AsyncIterator[FastStream]:
+    config = WorkerConfig(nats_url=nats_url, worker_id=f"{kind}-{uuid.uuid4().hex[:6]}")
+    with tempfile.TemporaryDirectory(prefix="gpuproxy-sim-") as sim_dir:
+        if kind is WorkerKind.PROVISIONER:
+            app = provisioner(config, provisioning or fast_config(Path(sim_dir)), {})
+        else:
+            app = BUILDERS[kind](config)
+        await app.start()
+        try:
+            yield app
+        finally:
+            await app.stop()
+            # The sim marketplace's machines are this test's processes: none outlives it.
+            market = Market(Path(sim_dir))
+            for machine in market.machines():
+                market.destroy(machine.id)
 
 
 @asynccontextmanager
@@ -91,6 +104,7 @@ async def running_system(
     operator: bool = True,
     trusted_proxies: tuple[str, ...] = (),
     auth_attempts_per_minute: int = 60,
+    provisioning: ProvisionerConfig | None = None,
 ) -> AsyncIterator[System]:
     """The system; with `operator`, an admin key for calls that need a credential (the
     database must then be migrated and reachable)."""
@@ -108,7 +122,7 @@ async def running_system(
     )
     async with AsyncExitStack() as stack:
         for kind in kinds:
-            await stack.enter_async_context(worker_app(kind, nats_url))
+            await stack.enter_async_context(worker_app(kind, nats_url, provisioning))
         await stack.enter_async_context(running_gateway(config))
         if not operator:
             yield System(gateway=config)

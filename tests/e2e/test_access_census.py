@@ -50,7 +50,9 @@ def every_method() -> list[tuple[str, MethodDescriptor]]:
 
 def every_route() -> list[tuple[str, str, Requirement | None]]:
     nothing = cast(Any, None)
-    app = build_app(nothing, nothing, HttpGuard(nothing), nothing, nothing, nothing)
+    app = build_app(
+        nothing, nothing, HttpGuard(nothing), nothing, nothing, nothing, nothing, nothing
+    )
     found = []
     for route in app.routes:
         assert isinstance(route, Route), route

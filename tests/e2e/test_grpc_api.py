@@ -19,7 +19,23 @@ from schemas import topology
 from schemas.subjects import WorkerKind
 from tests.e2e.system import System, keyed_channel, running_system
 
-SERVED = {"HealthCheck", "Ping", "Login", "CreateAPIKey"}
+SERVED = {
+    "HealthCheck",
+    "Ping",
+    "Login",
+    "CreateAPIKey",
+    "ListGPUInstances",
+    "CreateGPUInstance",
+    "DestroyGPUInstance",
+    "GetGPUInstance",
+    "ReserveGPUs",
+    "BatchCreateGPUInstances",
+    "ListOwnedGPUInstances",
+    "GetReservation",
+    "ListReservations",
+    "RenewReservation",
+    "ReleaseReservation",
+}
 SERVICE = pb.DESCRIPTOR.services_by_name["GPUProxyService"]
 
 

@@ -234,6 +234,36 @@ ADDED_FIELDS: dict[str, FieldTable] = {
         "expires_at": (6, "int64"),
         "rate_limit_per_minute": (7, "int32"),
     },
+    "ListGPUInstancesRequest": {"location": (6, "string")},
+    "GPUInstance": {
+        "kind": (11, "string"),
+        "reason": (12, "string"),
+        "endpoint": (13, "string"),
+        "offer_id": (14, "string"),
+        "reservation_id": (15, "string"),
+        "created_at": (16, "int64"),
+        "vendor": (17, "string"),
+        "tier": (18, "string"),
+        "available": (19, "int32"),
+        "provider_instance_id": (20, "string"),
+        "owner": (21, "string"),
+    },
+    "ListGPUInstancesResponse": {"unavailable_providers": (3, "map<string,string>")},
+    "CreateGPUInstanceRequest": {"disk_gb": (6, "int32")},
+    "CreateGPUInstanceResponse": {"instance": (5, "GPUInstance")},
+    "DestroyGPUInstanceResponse": {"instance": (3, "GPUInstance")},
+    "ReserveGPUsRequest": {
+        "gpu_model": (6, "string"),
+        "location": (7, "string"),
+        "image": (8, "string"),
+        "env": (9, "map<string,string>"),
+        "ports": (10, "repeated int32"),
+        "disk_gb": (11, "int32"),
+        "strategy": (12, "string"),
+        "lease_seconds": (13, "int64"),
+        "ready_timeout_seconds": (14, "int32"),
+    },
+    "ReserveGPUsResponse": {"reservation": (4, "Reservation")},
 }
 
 NEW_MESSAGES: dict[str, FieldTable] = {
@@ -248,10 +278,41 @@ NEW_MESSAGES: dict[str, FieldTable] = {
         "worker_id": (3, "string"),
         "attempt": (4, "int32"),
     },
+    "Reservation": {
+        "id": (1, "string"),
+        "owner": (2, "string"),
+        "state": (3, "string"),
+        "reason": (4, "string"),
+        "count": (5, "int32"),
+        "instances": (6, "repeated GPUInstance"),
+        "lease_seconds": (7, "int64"),
+        "lease_expires_at": (8, "int64"),
+        "created_at": (9, "int64"),
+        "strategy": (10, "string"),
+    },
+    "GetReservationRequest": {"reservation_id": (1, "string")},
+    "ReservationResponse": {"reservation": (1, "Reservation")},
+    "ListReservationsRequest": {"include_ended": (1, "bool"), "user_id": (2, "string")},
+    "ListReservationsResponse": {"reservations": (1, "repeated Reservation")},
+    "RenewReservationRequest": {"reservation_id": (1, "string"), "lease_seconds": (2, "int64")},
+    "ReleaseReservationRequest": {"reservation_id": (1, "string")},
+    "ListOwnedGPUInstancesRequest": {"include_ended": (1, "bool"), "user_id": (2, "string")},
+    "BatchCreateGPUInstancesRequest": {
+        "vastai_count": (1, "int32"),
+        "ionet_count": (2, "int32"),
+        "counts": (3, "map<string,int32>"),
+        "config": (4, "CreateGPUInstanceRequest"),
+        "filters": (5, "ListGPUInstancesRequest"),
+    },
+    "BatchFailure": {"provider": (1, "string"), "code": (2, "string"), "message": (3, "string")},
+    "BatchCreateGPUInstancesResponse": {
+        "instances": (1, "repeated GPUInstance"),
+        "failures": (2, "repeated BatchFailure"),
+    },
 }
 
 # RPC name -> (input message, output message, client streaming, server streaming), in the
-# order the service declares them; Ping is the one addition and comes last.
+# order the service declares them; the additions (Ping, then GPU lifecycle) come last.
 RPCS: dict[str, tuple[str, str, bool, bool]] = {
     "Login": ("LoginRequest", "LoginResponse", False, False),
     "CreateAPIKey": ("CreateAPIKeyRequest", "CreateAPIKeyResponse", False, False),
@@ -287,6 +348,22 @@ RPCS: dict[str, tuple[str, str, bool, bool]] = {
     "StreamCUICMessage": ("CUICMessageRequest", "CUICMessageResponse", True, True),
     "HealthCheck": ("HealthCheckRequest", "HealthCheckResponse", False, False),
     "Ping": ("PingRequest", "PingResponse", False, False),
+    "BatchCreateGPUInstances": (
+        "BatchCreateGPUInstancesRequest",
+        "BatchCreateGPUInstancesResponse",
+        False,
+        False,
+    ),
+    "ListOwnedGPUInstances": (
+        "ListOwnedGPUInstancesRequest",
+        "ListGPUInstancesResponse",
+        False,
+        False,
+    ),
+    "GetReservation": ("GetReservationRequest", "ReservationResponse", False, False),
+    "ListReservations": ("ListReservationsRequest", "ListReservationsResponse", False, False),
+    "RenewReservation": ("RenewReservationRequest", "ReservationResponse", False, False),
+    "ReleaseReservation": ("ReleaseReservationRequest", "ReservationResponse", False, False),
 }
 
 SCALAR_TYPE_NAMES: dict[int, str] = {

@@ -14,9 +14,11 @@ import os
 import socket
 import time
 from collections.abc import Mapping
+from typing import Protocol
 
 from faststream import FastStream
 from faststream.nats import NatsBroker
+from nats.aio.client import Client
 
 from bus.connection import split_servers
 from bus.runtime import CommandRuntime, Handler
@@ -28,10 +30,21 @@ from workers.common.config import WorkerConfig
 log = logging.getLogger("gpuproxy.worker")
 
 
+class Service(Protocol):
+    """What a worker kind runs besides stateless handlers: shared state, background jobs."""
+
+    async def start(self, nc: Client) -> Mapping[type[CommandBase], Handler]:
+        """Get ready on the connection; returns the handlers that need this service."""
+
+    async def stop(self) -> None:
+        """Called after the commands drained."""
+
+
 def worker_app(
     kind: subjects.WorkerKind,
     handlers: Mapping[type[CommandBase], Handler],
     config: WorkerConfig,
+    service: Service | None = None,
 ) -> FastStream:
     broker = NatsBroker(
         split_servers(config.nats_url),
@@ -47,10 +60,13 @@ def worker_app(
 
     @app.after_startup
     async def start_commands() -> None:
+        served = dict(handlers)
+        if service is not None:
+            served.update(await service.start(broker.connection))
         runtime = CommandRuntime(
             broker.connection,
             kind=kind,
-            handlers=handlers,
+            handlers=served,
             worker_id=config.worker_id,
             ack_wait=config.ack_wait,
             max_deliver=config.max_deliver,
@@ -76,6 +92,8 @@ def worker_app(
         if runtime is None:
             return
         abandoned = await runtime.stop(config.drain_timeout)
+        if service is not None:
+            await service.stop()
         await runtime.events.publish(
             WorkerStopped(
                 event_id=f"stopped-{config.worker_id}",

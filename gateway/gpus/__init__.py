@@ -1,0 +1,1 @@
+"""GPUs at the front door: offers, instances, reservations, the catalogue, preferences."""

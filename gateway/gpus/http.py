@@ -1,0 +1,355 @@
+"""HTTP routes of GPUs: offers, instances, batches, reservations, catalogue, preferences.
+
+`GET /api/v1/gpu/instances` lists *offers* (the original API's meaning): each `id` is what
+`POST /api/v1/gpu/instances/{provider}/{id}` rents. The caller's rented instances are at
+`GET /api/v1/gpu/instances/mine`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.auth import principal
+from gateway.auth.http_guard import HttpGuard
+from gateway.auth.policy import GPUS
+from gateway.gpus import requests
+from gateway.gpus.preferences import PreferencesBody, PreferenceStore
+from gateway.gpus.requests import FilterBody
+from gateway.gpus.service import GpuService
+from gateway.gpus.views import instance_json, offer_json, reservation_json
+from gateway.http_io import body, json_response
+from schemas import catalogue
+from schemas.errors import InvalidArgument
+from schemas.gpus import OfferQuery, ProviderName
+from schemas.replies import BatchCreated, ReservationView
+
+IDEMPOTENCY_KEY = "Idempotency-Key"
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    image: str = ""
+    env: dict[str, str] = {}
+    ports: list[int] = []
+    disk_gb: int = 0
+
+
+class CreateBody(Config, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class BatchBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    vastai_count: int = 0
+    ionet_count: int = 0
+    counts: dict[str, int] = {}
+    """Any provider by name, e.g. {"sim": 2}."""
+    config: Config = Config()
+    filters: FilterBody = FilterBody()
+
+
+class ReserveBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    count: int
+    filters: FilterBody = FilterBody()
+    config: Config = Config()
+    strategy: str = ""
+    lease_seconds: int | None = None
+    ready_timeout_seconds: int | None = None
+
+
+class RenewBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    lease_seconds: int
+
+
+def _spec(config: Config, prefix: str) -> Any:
+    return requests.spec(
+        image=config.image,
+        env=config.env,
+        ports=config.ports,
+        disk_gb=config.disk_gb,
+        prefix=prefix,
+    )
+
+
+def _flag(request: Request, name: str) -> bool:
+    raw = request.query_params.get(name, "").lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise InvalidArgument("must be true or false", field=name)
+
+
+def _query_of(request: Request) -> OfferQuery:
+    params = request.query_params
+    price = 0
+    if params.get("max_price"):
+        price = requests.price_micros(params["max_price"], field="max_price")
+    if params.get("max_price_micros"):
+        raw = params["max_price_micros"]
+        if not raw.isdigit():
+            raise InvalidArgument("must be a whole number of micro-units", field="max_price_micros")
+        price = int(raw)
+    limit_raw = params.get("limit", "0")
+    if not limit_raw.isdigit() or int(limit_raw) > 1000:
+        raise InvalidArgument("must be a whole number up to 1000", field="limit")
+    query = requests.query(
+        provider_text=params.get("provider", ""),
+        min_vram=params.get("min_vram", "0") or "0",
+        max_price_micros=price,
+        gpu_model=params.get("gpu_model", ""),
+        location=params.get("location", ""),
+        vendor=params.get("vendor", ""),
+        tier=params.get("tier", ""),
+    )
+    return msgspec.structs.replace(query, limit=int(limit_raw))
+
+
+def _reservation_answer(view: ReservationView) -> dict[str, Any]:
+    return reservation_json(view.reservation, view.instances)
+
+
+def _batch_counts(batch: BatchBody) -> dict[ProviderName, int]:
+    counts: dict[ProviderName, int] = {}
+    for name, value in batch.counts.items():
+        counts[requests.provider(name, field="counts")] = requests.batch_count(
+            value, field=f"counts.{name}"
+        )
+    if batch.vastai_count:
+        counts[ProviderName.VASTAI] = requests.batch_count(batch.vastai_count, field="vastai_count")
+    if batch.ionet_count:
+        counts[ProviderName.IONET] = requests.batch_count(batch.ionet_count, field="ionet_count")
+    if not any(counts.values()):
+        raise InvalidArgument("ask for at least one instance", field="counts")
+    if sum(counts.values()) > 16:
+        raise InvalidArgument("at most 16 instances in one batch", field="counts")
+    return counts
+
+
+def routes(guard: HttpGuard, gpus: GpuService, preferences: PreferenceStore) -> list[Route]:
+    async def offers(request: Request) -> Response:
+        found = await gpus.search(principal.current(), _query_of(request))
+        return json_response(
+            200,
+            {
+                "instances": [offer_json(o) for o in found.offers],
+                "total_count": len(found.offers),
+                "unavailable_providers": found.unavailable,
+            },
+        )
+
+    async def one(request: Request) -> Response:
+        provider = requests.provider(request.path_params["provider"])
+        id = requests.identifier(request.path_params["id"], field="instance_id")
+        found = await gpus.find(principal.current(), provider, id)
+        if found.instance is not None:
+            return json_response(200, {"instance": instance_json(found.instance)})
+        assert found.offer is not None
+        return json_response(200, {"instance": offer_json(found.offer)})
+
+    async def create(request: Request) -> Response:
+        provider = requests.provider(request.path_params["provider"])
+        offer_id = requests.identifier(request.path_params["id"], field="instance_id")
+        spec = _spec(await body(request, CreateBody), "")
+        made = await gpus.create(
+            principal.current(),
+            provider,
+            offer_id,
+            spec,
+            request.headers.get(IDEMPOTENCY_KEY),
+            IDEMPOTENCY_KEY,
+        )
+        return json_response(
+            201, {"instance": instance_json(made.instance), "message": made.message}
+        )
+
+    async def destroy(request: Request) -> Response:
+        provider = requests.provider(request.path_params["provider"])
+        instance_id = requests.identifier(request.path_params["id"], field="instance_id")
+        done = await gpus.destroy(
+            principal.current(),
+            provider,
+            instance_id,
+            request.headers.get(IDEMPOTENCY_KEY),
+            IDEMPOTENCY_KEY,
+        )
+        return json_response(
+            200,
+            {
+                "success": True,
+                "message": done.message,
+                "instance": instance_json(done.instance),
+            },
+        )
+
+    async def mine(request: Request) -> Response:
+        listed = await gpus.instances(
+            principal.current(),
+            request.query_params.get("user_id", ""),
+            include_ended=_flag(request, "include_ended"),
+        )
+        return json_response(
+            200,
+            {
+                "instances": [instance_json(i) for i in listed.instances],
+                "total_count": len(listed.instances),
+            },
+        )
+
+    async def batch(request: Request) -> Response:
+        batch_body = await body(request, BatchBody)
+        made: BatchCreated = await gpus.batch(
+            principal.current(),
+            _batch_counts(batch_body),
+            batch_body.filters.checked("filters."),
+            _spec(batch_body.config, "config."),
+            request.headers.get(IDEMPOTENCY_KEY),
+            IDEMPOTENCY_KEY,
+        )
+        return json_response(
+            201 if made.instances else 412,
+            {
+                "instances": [instance_json(i) for i in made.instances],
+                "failures": [
+                    {
+                        "provider": str(f.provider),
+                        "code": str(f.error.code),
+                        "message": f.error.message,
+                    }
+                    for f in made.failures
+                ],
+            },
+        )
+
+    async def reserve(request: Request) -> Response:
+        reserve_body = await body(request, ReserveBody)
+        view = await gpus.reserve(
+            principal.current(),
+            count=requests.count(reserve_body.count),
+            query=reserve_body.filters.checked("filters."),
+            spec=_spec(reserve_body.config, "config."),
+            strategy=requests.strategy(reserve_body.strategy),
+            lease_seconds=(
+                requests.lease_seconds(reserve_body.lease_seconds)
+                if reserve_body.lease_seconds is not None
+                else None
+            ),
+            ready_seconds=requests.ready_seconds(reserve_body.ready_timeout_seconds),
+            idempotency_key=request.headers.get(IDEMPOTENCY_KEY),
+            key_field=IDEMPOTENCY_KEY,
+        )
+        answer = _reservation_answer(view)
+        return json_response(
+            201,
+            {
+                "reservation": answer,
+                "reserved_instances": answer["instances"],
+                "reserved_count": len(view.instances),
+            },
+        )
+
+    async def reservations(request: Request) -> Response:
+        listed = await gpus.reservations(
+            principal.current(),
+            request.query_params.get("user_id", ""),
+            include_ended=_flag(request, "include_ended"),
+        )
+        return json_response(
+            200,
+            {
+                "reservations": [reservation_json(r, []) for r in listed.reservations],
+                "total_count": len(listed.reservations),
+            },
+        )
+
+    def _reservation_id(request: Request) -> str:
+        return requests.identifier(request.path_params["id"], field="reservation_id")
+
+    async def reservation(request: Request) -> Response:
+        view = await gpus.reservation(principal.current(), _reservation_id(request))
+        return json_response(200, {"reservation": _reservation_answer(view)})
+
+    async def renew(request: Request) -> Response:
+        renew_body = await body(request, RenewBody)
+        view = await gpus.renew(
+            principal.current(),
+            _reservation_id(request),
+            requests.lease_seconds(renew_body.lease_seconds),
+        )
+        return json_response(200, {"reservation": _reservation_answer(view)})
+
+    async def release(request: Request) -> Response:
+        view = await gpus.release(principal.current(), _reservation_id(request))
+        return json_response(200, {"reservation": _reservation_answer(view)})
+
+    async def classify(request: Request) -> Response:
+        name = request.query_params.get("name", "").strip()
+        if not name:
+            raise InvalidArgument("name a GPU, e.g. ?name=RTX 4090", field="name")
+        if len(name) > 200:
+            raise InvalidArgument("must be at most 200 characters", field="name")
+        return json_response(200, msgspec.to_builtins(catalogue.classify(name)))
+
+    async def groups(request: Request) -> Response:
+        return json_response(200, {"groups": msgspec.to_builtins(catalogue.groups())})
+
+    async def available(request: Request) -> Response:
+        vendor = request.query_params.get("vendor", "").strip().lower()
+        tier = request.query_params.get("tier", "").strip().lower()
+        if vendor and vendor not in {str(v) for v in catalogue.Vendor}:
+            raise InvalidArgument(
+                f"one of {', '.join(str(v) for v in catalogue.Vendor)}", field="vendor"
+            )
+        if tier and tier not in {str(t) for t in catalogue.Tier}:
+            raise InvalidArgument(
+                f"one of {', '.join(str(t) for t in catalogue.Tier)}", field="tier"
+            )
+        found = await gpus.search(principal.current(), OfferQuery(vendor=vendor, tier=tier))
+        return json_response(
+            200,
+            {
+                "instances": [offer_json(o) for o in found.offers],
+                "total_count": len(found.offers),
+                "unavailable_providers": found.unavailable,
+            },
+        )
+
+    async def get_preferences(request: Request) -> Response:
+        found = await preferences.of(principal.current().user_id)
+        return json_response(200, {"preferences": msgspec.to_builtins(found)})
+
+    async def set_preferences(request: Request) -> Response:
+        wanted = (await body(request, PreferencesBody)).preferences()
+        stored = await preferences.put(principal.current().user_id, wanted)
+        return json_response(200, {"preferences": msgspec.to_builtins(stored)})
+
+    base = "/api/v1/gpu"
+    return [
+        guard.route(f"{base}/instances", offers, methods=["GET"], requirement=GPUS),
+        guard.route(f"{base}/instances/mine", mine, methods=["GET"], requirement=GPUS),
+        guard.route(f"{base}/instances/batch", batch, methods=["POST"], requirement=GPUS),
+        guard.route(f"{base}/instances/reserve", reserve, methods=["POST"], requirement=GPUS),
+        guard.route(
+            f"{base}/instances/{{provider}}/{{id}}", one, methods=["GET"], requirement=GPUS
+        ),
+        guard.route(
+            f"{base}/instances/{{provider}}/{{id}}", create, methods=["POST"], requirement=GPUS
+        ),
+        guard.route(
+            f"{base}/instances/{{provider}}/{{id}}", destroy, methods=["DELETE"], requirement=GPUS
+        ),
+        guard.route(f"{base}/reservations", reservations, methods=["GET"], requirement=GPUS),
+        guard.route(f"{base}/reservations/{{id}}", reservation, methods=["GET"], requirement=GPUS),
+        guard.route(f"{base}/reservations/{{id}}/renew", renew, methods=["POST"], requirement=GPUS),
+        guard.route(
+            f"{base}/reservations/{{id}}/release", release, methods=["POST"], requirement=GPUS
+        ),
+        guard.route(f"{base}/classify", classify, methods=["GET"], requirement=GPUS),
+        guard.route(f"{base}/groups", groups, methods=["GET"], requirement=GPUS),
+        guard.route(f"{base}/available", available, methods=["GET"], requirement=GPUS),
+        guard.route(f"{base}/preferences", get_preferences, methods=["GET"], requirement=GPUS),
+        guard.route(f"{base}/preferences", set_preferences, methods=["POST"], requirement=GPUS),
+    ]

@@ -1,0 +1,1 @@
+"""Local HTTP fakes shaped exactly like outside APIs that cannot be reached from tests."""

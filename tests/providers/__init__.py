@@ -1,0 +1,1 @@
+"""Tests of each GPU provider adapter against its fake or simulator."""

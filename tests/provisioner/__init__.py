@@ -1,0 +1,1 @@
+"""The provisioner worker: registry, lifecycle, reservations, reconciler, metering."""

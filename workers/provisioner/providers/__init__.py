@@ -1,0 +1,1 @@
+"""GPU providers behind one small interface (`base.Provider`)."""

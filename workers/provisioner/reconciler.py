@@ -1,0 +1,227 @@
+"""The reconciler: the registry and every provider's own list, made to agree.
+
+One replica at a time runs it (a KV lease elects it). Each round, per provider:
+- an instance stuck past its state's deadline is finished (adopted when its machine turns
+  up) or failed, and its machine destroyed;
+- a starting or running instance is compared with its machine (exited, taken back, gone,
+  ready);
+- a stopping instance has its destroy retried until the provider confirms it;
+- a machine that carries gpuproxy's label but that the registry does not own (no record, or
+  a record that has ended) is destroyed: whatever point a create crashed at, no machine leaks.
+Then reservations: an ended lease is released, a pending reservation past its deadline (its
+command is gone) is undone, a releasing one is driven to its end. A second loop turns GPU
+time into usage events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from schemas.errors import DeadlineExceeded, GpuproxyError
+from schemas.gpus import (
+    TERMINAL_STATES,
+    Instance,
+    InstanceState,
+    ProviderName,
+    ReservationState,
+    instance_of_label,
+)
+from workers.provisioner.config import ProvisionerConfig
+from workers.provisioner.fleet import Fleet
+from workers.provisioner.instances import Launcher
+from workers.provisioner.lease import Lease
+from workers.provisioner.metering import Meter
+from workers.provisioner.providers.base import Machine, Provider
+from workers.provisioner.registry import Registry, now_ms
+from workers.provisioner.reservations import Reservations
+
+log = logging.getLogger("gpuproxy.provisioner")
+
+EVENT_HEAL_WINDOW_MS = 5 * 60 * 1000
+"""Events of states entered this recently are published again each round (JetStream drops
+the repeats within its ten-minute dedupe window): a crash between a move and its event
+leaves no gap in the log."""
+
+
+class Reconciler:
+    def __init__(
+        self,
+        registry: Registry,
+        fleet: Fleet,
+        launcher: Launcher,
+        reservations: Reservations,
+        meter: Meter,
+        lease: Lease,
+        config: ProvisionerConfig,
+    ) -> None:
+        self._registry = registry
+        self._fleet = fleet
+        self._launcher = launcher
+        self._reservations = reservations
+        self._meter = meter
+        self._lease = lease
+        self._config = config
+        self._tasks: list[asyncio.Task[None]] = []
+        self.rounds = 0
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._hold_lease(), name="reconciler-lease"),
+            asyncio.create_task(
+                self._every(self._config.reconcile_seconds, self.round), name="reconciler"
+            ),
+            asyncio.create_task(
+                self._every(self._config.meter_seconds, self._meter_pass), name="meter"
+            ),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._lease.release()
+
+    async def _hold_lease(self) -> None:
+        period = max(self._config.lease_seconds / 3, 0.2)
+        while True:
+            try:
+                await self._lease.claim()
+            except Exception as exc:
+                log.warning("reconciler lease not renewed (%s)", type(exc).__name__)
+                self._lease.held = False
+            await asyncio.sleep(period)
+
+    async def _every(self, seconds: float, job: object) -> None:
+        assert callable(job)
+        while True:
+            await asyncio.sleep(seconds)
+            if not self._lease.held:
+                continue
+            try:
+                await job()
+            except Exception as exc:
+                log.exception("reconciler job failed (%s)", type(exc).__name__)
+
+    async def _meter_pass(self) -> None:
+        await self._meter.pass_once()
+
+    async def round(self) -> None:
+        for provider in self._fleet.providers():
+            await self._reconcile_provider(provider)
+        await self._reconcile_orphan_records()
+        await self._reconcile_reservations()
+        await self._registry.republish_recent(EVENT_HEAL_WINDOW_MS)
+        self.rounds += 1
+
+    async def _reconcile_provider(self, provider: Provider) -> None:
+        try:
+            machines = await provider.list()
+        except GpuproxyError as exc:
+            log.info("reconciler: %s did not list its machines (%s)", provider.name, exc.message)
+            return
+        ours: dict[str, Machine] = {}
+        for machine in machines:
+            instance_id = instance_of_label(machine.label)
+            if instance_id is not None:
+                ours[instance_id] = machine
+        for instance in self._registry.live_instances():
+            if instance.provider != provider.name:
+                continue
+            try:
+                await self._reconcile_instance(instance, ours.get(instance.id))
+            except GpuproxyError as exc:
+                log.info("reconciler: instance %s not settled (%s)", instance.id, exc.message)
+        for instance_id, machine in ours.items():
+            await self._destroy_if_orphan(provider, instance_id, machine)
+
+    async def _reconcile_instance(self, instance: Instance, machine: Machine | None) -> None:
+        current = await self._registry.instance(instance.id)
+        if current is None or current.state in TERMINAL_STATES:
+            return
+        overdue = bool(current.deadline_ms) and now_ms() > current.deadline_ms
+        match current.state:
+            case InstanceState.PENDING | InstanceState.PROVISIONING:
+                if machine is not None:
+                    # The create got through but its answer was never written: adopt it.
+                    await self._registry.move(
+                        current.id,
+                        InstanceState.STARTING,
+                        reason="found at the provider",
+                        only_from=frozenset({current.state}),
+                        provider_id=machine.provider_id,
+                    )
+                elif overdue:
+                    await self._registry.move(
+                        current.id,
+                        InstanceState.FAILED,
+                        reason=f"the provider never created it within "
+                        f"{(current.deadline_ms - current.state_since_ms) / 1000:g}s",
+                        only_from=frozenset({current.state}),
+                    )
+            case InstanceState.STARTING | InstanceState.RUNNING:
+                await self._launcher.observe(current)
+            case InstanceState.STOPPING:
+                await self._launcher.destroy(current.id, reason=current.reason)
+
+    async def _destroy_if_orphan(
+        self, provider: Provider, instance_id: str, machine: Machine
+    ) -> None:
+        record = await self._registry.instance(instance_id)
+        if record is None:
+            why = "no record owns it"
+        elif record.provider_id and record.provider_id != machine.provider_id:
+            why = "a second machine for one instance"
+        elif record.state in TERMINAL_STATES:
+            why = f"its instance is {record.state}"
+        else:
+            return
+        log.warning(
+            "reconciler: destroying %s machine %s (%s)", provider.name, machine.provider_id, why
+        )
+        try:
+            await provider.destroy(machine.provider_id)
+        except GpuproxyError as exc:
+            log.warning("reconciler: destroy of %s failed (%s)", machine.provider_id, exc.message)
+
+    async def _reconcile_orphan_records(self) -> None:
+        """Instances at a provider that is no longer configured cannot be checked; they are
+        failed once their deadline passes, never left transient."""
+        configured = set(self._fleet.names)
+        for instance in self._registry.live_instances():
+            if ProviderName(instance.provider) in configured:
+                continue
+            if instance.deadline_ms and now_ms() > instance.deadline_ms:
+                await self._registry.move(
+                    instance.id,
+                    InstanceState.FAILED,
+                    reason=f"provider {instance.provider} is no longer configured",
+                )
+
+    async def _reconcile_reservations(self) -> None:
+        at = now_ms()
+        for reservation in self._registry.open_reservations():
+            try:
+                if reservation.state is ReservationState.ACTIVE:
+                    if reservation.lease_expires_at_ms and at >= reservation.lease_expires_at_ms:
+                        await self._reservations.release(
+                            reservation, ending=ReservationState.EXPIRED
+                        )
+                elif reservation.state is ReservationState.RELEASING:
+                    await self._reservations.finish_release(reservation)
+                elif (
+                    reservation.state is ReservationState.PENDING
+                    and reservation.deadline_ms
+                    and at > reservation.deadline_ms
+                ):
+                    await self._reservations.fail(
+                        reservation.id,
+                        DeadlineExceeded(
+                            "the reservation was not completed in time and was rolled back"
+                        ).to_info(),
+                    )
+            except GpuproxyError as exc:
+                log.info("reconciler: reservation %s not settled (%s)", reservation.id, exc.message)
