@@ -65,11 +65,11 @@ def new_id() -> str:
 
 @asynccontextmanager
 async def running_provisioner(
-    nats_url: str, sim_dir: Path, **overrides: Any
+    nats_url: str, sim_dir: Path, *, env: dict[str, str] | None = None, **overrides: Any
 ) -> AsyncIterator[Provisioner]:
     nc = await connect(nats_url, name="test-provisioner")
     worker = WorkerConfig(nats_url=nats_url, worker_id=f"provisioner-{new_id()[:6]}")
-    service = ProvisionerService(worker, fast_config(sim_dir, **overrides), {})
+    service = ProvisionerService(worker, fast_config(sim_dir, **overrides), env or {})
     handlers = await service.start(nc)
     runtime = CommandRuntime(
         nc, kind=WorkerKind.PROVISIONER, handlers=handlers, worker_id=worker.worker_id

@@ -44,6 +44,11 @@ class ProvisionerService:
         self._provisioning: Provisioning | None = None
         self.reconciler: Reconciler | None = None
 
+    @property
+    def registry(self) -> Registry:
+        assert self._registry is not None, "ProvisionerService.start() was not awaited"
+        return self._registry
+
     async def start(self, nc: Client) -> Mapping[type[CommandBase], Handler]:
         js = nc.jetstream()
         replicas = self._worker.stream_replicas
