@@ -105,7 +105,7 @@ async def test_search_lists_the_catalogue_cheapest_first(tmp_path: Path) -> None
         80,
         "EU-DE",
     )
-    assert h100.metadata["available"] == h100.metadata["capacity"]
+    assert str(h100.available) == h100.metadata["capacity"]
 
 
 @pytest.mark.parametrize(
@@ -265,7 +265,7 @@ async def test_two_providers_on_one_state_dir_see_the_same_machines(
     assert await second.list() == await first.list()
     offers = await second.search(OfferQuery())
     [pair] = [offer for offer in offers if offer.offer_id == PAIR.offer_id]
-    assert pair.metadata["available"] == "1"
+    assert pair.available == 1
 
     await second.destroy(machine_id)
 

@@ -191,3 +191,21 @@ async def test_an_ended_lease_destroys_the_instances_and_stops_gpu_time(
         assert sum(u.amount_micros for u in usage) == (
             instance.price_per_hour_micros * billable_ms // 3_600_000
         )
+
+
+async def test_a_reservation_may_take_several_machines_of_one_offer(
+    nats_url: str, tmp_path: Path
+) -> None:
+    async with running_provisioner(nats_url, tmp_path / "sim") as p:
+        offers = await p.call(SearchOffers(command_id=new_id()))
+        cheapest = offers.offers[0]
+        assert cheapest.available > 1
+        view = await p.call(
+            Reserve(
+                command_id=new_id(),
+                actor="alice",
+                count=2,
+                query=OfferQuery(gpu_model=cheapest.gpu_model, location=cheapest.location),
+            )
+        )
+        assert {i.offer_id for i in view.instances} == {cheapest.offer_id}

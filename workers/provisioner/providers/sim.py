@@ -98,7 +98,8 @@ def _offer(offer: Offer, left: int) -> GpuOffer:
         vram_gb=offer.vram_gb,
         price_per_hour_micros=offer.price_per_hour_micros,
         location=offer.location,
-        metadata={"available": str(left), "capacity": str(offer.capacity)},
+        available=left,
+        metadata={"capacity": str(offer.capacity)},
     )
 
 
