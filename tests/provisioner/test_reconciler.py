@@ -6,29 +6,29 @@ import os
 import signal
 from pathlib import Path
 
-from schemas.gpus import GpuOffer, InstanceState, LaunchSpec, ProviderName, label_of
-from tests.provisioner.harness import Provisioner, eventually, running_provisioner
+import msgspec
+
+from schemas.commands import SearchOffers
+from schemas.gpus import GpuOffer, InstanceState, LaunchSpec, label_of
+from schemas.replies import OfferList
+from tests.provisioner.harness import Provisioner, eventually, new_id, running_provisioner
 from workers.provisioner.instances import new_instance
+from workers.provisioner.registry import now_ms
 
 
-def sim_offer(p: Provisioner) -> GpuOffer:
-    offer, _ = p.market.availability()[0]
-    return GpuOffer(
-        provider=ProviderName.SIM,
-        offer_id=offer.offer_id,
-        gpu_model=offer.gpu_model,
-        num_gpus=offer.num_gpus,
-        vram_gb=offer.vram_gb,
-        price_per_hour_micros=offer.price_per_hour_micros,
-    )
+async def sim_offer(p: Provisioner) -> GpuOffer:
+    found: OfferList = await p.call(SearchOffers(command_id=new_id()))
+    return found.offers[0]
 
 
-async def stuck_provisioning(p: Provisioner, instance_id: str) -> None:
+async def stuck_provisioning(p: Provisioner, instance_id: str) -> GpuOffer:
     """A record as a provisioner leaves it when it dies right before its provider call."""
     registry = p.service.registry
-    await registry.add(new_instance(instance_id, "alice", sim_offer(p), LaunchSpec()))
+    offer = await sim_offer(p)
+    await registry.add(new_instance(instance_id, "alice", offer, LaunchSpec()))
     moved = await registry.move(instance_id, InstanceState.PROVISIONING, reason="asking")
     assert moved is not None
+    return offer
 
 
 async def state_of(p: Provisioner, instance_id: str, state: InstanceState) -> object:
@@ -51,8 +51,7 @@ async def test_a_machine_created_before_a_crash_is_adopted_and_runs(
 ) -> None:
     async with running_provisioner(nats_url, tmp_path / "sim") as p:
         instance_id = "i-adopt0000000000000"
-        await stuck_provisioning(p, instance_id)
-        offer = sim_offer(p)
+        offer = await stuck_provisioning(p, instance_id)
         machine = p.market.rent(offer.offer_id, label=label_of(instance_id), env={})
         running = await eventually(lambda: state_of(p, instance_id, InstanceState.RUNNING))
         assert running.provider_id == machine.id  # type: ignore[attr-defined]
@@ -64,8 +63,8 @@ async def test_a_machine_that_dies_fails_its_instance_and_ends_its_gpu_time(
 ) -> None:
     async with running_provisioner(nats_url, tmp_path / "sim") as p:
         instance_id = "i-dies00000000000000"
-        await stuck_provisioning(p, instance_id)
-        machine = p.market.rent(sim_offer(p).offer_id, label=label_of(instance_id), env={})
+        offer = await stuck_provisioning(p, instance_id)
+        machine = p.market.rent(offer.offer_id, label=label_of(instance_id), env={})
         await eventually(lambda: state_of(p, instance_id, InstanceState.RUNNING))
         os.kill(machine.pid, signal.SIGKILL)
         failed = await eventually(lambda: state_of(p, instance_id, InstanceState.FAILED))
@@ -83,3 +82,25 @@ async def test_a_machine_that_dies_fails_its_instance_and_ends_its_gpu_time(
 
 async def _no_machines(p: Provisioner) -> bool:
     return p.market.machines() == []
+
+
+async def test_records_that_ended_long_ago_leave_the_registry(
+    nats_url: str, tmp_path: Path
+) -> None:
+    async with running_provisioner(nats_url, tmp_path / "sim") as p:
+        offer = await sim_offer(p)
+        old = msgspec.structs.replace(
+            new_instance("i-old00000000000000", "alice", offer, LaunchSpec()),
+            state=InstanceState.TERMINATED,
+            reason="destroyed",
+            state_since_ms=1_000,
+        )
+        recent = msgspec.structs.replace(old, id="i-new00000000000000", state_since_ms=now_ms())
+        for record in (old, recent):
+            await p.service.registry.instances.create(record.id, record)
+
+        async def forgotten() -> bool:
+            return await p.service.registry.instance(old.id) is None
+
+        await eventually(forgotten)
+        assert await p.service.registry.instance(recent.id) is not None

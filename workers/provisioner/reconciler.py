@@ -39,6 +39,10 @@ from workers.provisioner.reservations import Reservations
 
 log = logging.getLogger("gpuproxy.provisioner")
 
+RETENTION_MS = 7 * 24 * 3600 * 1000
+"""Ended instances and reservations stay listable this long, then leave the registry; the
+event log keeps their whole history."""
+
 EVENT_HEAL_WINDOW_MS = 5 * 60 * 1000
 """Events of states entered this recently are published again each round (JetStream drops
 the repeats within its ten-minute dedupe window): a crash between a move and its event
@@ -115,6 +119,7 @@ class Reconciler:
         await self._reconcile_orphan_records()
         await self._reconcile_reservations()
         await self._registry.republish_recent(EVENT_HEAL_WINDOW_MS)
+        await self._registry.forget_ended(now_ms() - RETENTION_MS)
         self.rounds += 1
 
     async def _reconcile_provider(self, provider: Provider) -> None:

@@ -275,6 +275,20 @@ class Registry:
     def open_reservations(self) -> list[Reservation]:
         return [r for r in self.reservations.mirror.values() if r.state not in RESERVATION_TERMINAL]
 
+    async def forget_ended(self, before_ms: int) -> None:
+        """Remove records that ended before `before_ms` (and, for instances, whose GPU time
+        is fully reported)."""
+        for instance in list(self.instances.mirror.values()):
+            if (
+                instance.state in TERMINAL_STATES
+                and instance.state_since_ms < before_ms
+                and instance.metered_until_ms >= instance.ended_at_ms
+            ):
+                await self.instances.delete(instance.id)
+        for reservation in list(self.reservations.mirror.values()):
+            if reservation.state in RESERVATION_TERMINAL and reservation.updated_at_ms < before_ms:
+                await self.reservations.delete(reservation.id)
+
     async def republish_recent(self, window_ms: int) -> None:
         """Publish again the event of every state entered within `window_ms`: a process
         that died between a move and its event leaves no gap in the log. Within JetStream's
