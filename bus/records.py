@@ -92,7 +92,8 @@ class Records(Generic[T]):
                 await self._task
         if self._watcher is not None:
             with contextlib.suppress(Exception):
-                await self._watcher.stop()
+                async with asyncio.timeout(2.0):
+                    await self._watcher.stop()
 
     async def _follow(self, loaded: asyncio.Future[None]) -> None:
         await follow(self._watcher, self._name, self._apply, loaded)

@@ -87,7 +87,10 @@ class Reconciler:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self._lease.release()
+        # Leaving the lease early only saves the next leader a wait; never hold a stop on it.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2.0):
+                await self._lease.release()
 
     async def _hold_lease(self) -> None:
         period = max(self._config.lease_seconds / 3, 0.2)
