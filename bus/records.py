@@ -21,6 +21,8 @@ import msgspec
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
+from bus.tasks import cancel_and_wait
+
 log = logging.getLogger("gpuproxy.bus.records")
 
 T = TypeVar("T", bound=msgspec.Struct)
@@ -87,9 +89,7 @@ class Records(Generic[T]):
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
         if self._watcher is not None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2.0):

@@ -18,6 +18,7 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from bus.records import follow
+from bus.tasks import cancel_and_wait
 from bus.topology import declare_bucket
 from schemas import topology
 from schemas.access import (
@@ -93,9 +94,7 @@ class _Mirror:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
         if self._watcher is not None:
             with contextlib.suppress(Exception):
                 await self._watcher.stop()

@@ -7,7 +7,6 @@ PERMISSION_DENIED for it, unless the command comes from an admin (`actor_admin`)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -16,6 +15,7 @@ from typing import Any
 import msgspec
 
 from bus.runtime import Context, Handler
+from bus.tasks import cancel_and_wait
 from schemas.commands import (
     CommandBase,
     CreateBatch,
@@ -114,11 +114,7 @@ class Provisioning:
         }
 
     async def stop(self) -> None:
-        for task in list(self._followers):
-            task.cancel()
-        for task in list(self._followers):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(list(self._followers))
 
     def _follow(self, instance: Instance) -> None:
         """Watch a starting instance to `running` in the background; the reconciler does the

@@ -31,8 +31,11 @@ from workers.provisioner.registry import Registry, now_ms
 
 log = logging.getLogger("gpuproxy.provisioner")
 
-READY_POLL_SECONDS = 0.5
-"""Between two looks at a starting machine while a caller waits for it."""
+READY_POLL_FIRST = 0.05
+READY_POLL_MOST = 3.0
+"""Looks at a starting machine come quickly at first (a local server is up in a fraction of a
+second) and then further apart (a marketplace machine pulls its image for minutes, and its
+API limits the rate of calls)."""
 
 
 def instance_id_for(command_id: str, index: int) -> str:
@@ -205,6 +208,7 @@ class Launcher:
 
     async def await_ready(self, instance_id: str, deadline: float) -> Instance:
         """Watch the instance until it runs, ends, or the monotonic `deadline` passes."""
+        pause = READY_POLL_FIRST
         while True:
             instance = await self._current(instance_id)
             if instance.state is InstanceState.RUNNING or instance.state in TERMINAL_STATES:
@@ -219,7 +223,8 @@ class Launcher:
                 return instance
             if time.monotonic() >= deadline:
                 return instance
-            await asyncio.sleep(READY_POLL_SECONDS)
+            await asyncio.sleep(pause)
+            pause = min(pause * 1.5, READY_POLL_MOST)
 
     async def destroy(self, instance_id: str, *, reason: str) -> Instance:
         """Stop the instance and release its machine; answers `stopping` when the provider

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 
+from bus.tasks import cancel_and_wait
 from schemas.errors import DeadlineExceeded, GpuproxyError
 from schemas.gpus import (
     TERMINAL_STATES,
@@ -82,11 +83,7 @@ class Reconciler:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         # Leaving the lease early only saves the next leader a wait; never hold a stop on it.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(2.0):
@@ -126,6 +123,7 @@ class Reconciler:
         self.rounds += 1
 
     async def _reconcile_provider(self, provider: Provider) -> None:
+        listed_at = now_ms()
         try:
             machines = await provider.list()
         except GpuproxyError as exc:
@@ -144,7 +142,7 @@ class Reconciler:
             except GpuproxyError as exc:
                 log.info("reconciler: instance %s not settled (%s)", instance.id, exc.message)
         for instance_id, machine in ours.items():
-            await self._destroy_if_orphan(provider, instance_id, machine)
+            await self._destroy_if_orphan(provider, instance_id, machine, listed_at)
 
     async def _reconcile_instance(self, instance: Instance, machine: Machine | None) -> None:
         current = await self._registry.instance(instance.id)
@@ -176,9 +174,13 @@ class Reconciler:
                 await self._launcher.destroy(current.id, reason=current.reason)
 
     async def _destroy_if_orphan(
-        self, provider: Provider, instance_id: str, machine: Machine
+        self, provider: Provider, instance_id: str, machine: Machine, listed_at: int
     ) -> None:
         record = await self._registry.instance(instance_id)
+        if record is not None and record.state_since_ms >= listed_at:
+            # It moved after the list was taken: whoever moved it owns the machine's end,
+            # and the next round sees the machine as it is then.
+            return
         if record is None:
             why = "no record owns it"
         elif record.provider_id and record.provider_id != machine.provider_id:
