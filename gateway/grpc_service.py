@@ -26,7 +26,7 @@ from gateway.health import Health
 from gateway.pb import gpuproxy_pb2 as pb
 from gateway.pb import gpuproxy_pb2_grpc as pb_grpc
 from schemas.errors import GpuproxyError, InvalidArgument, Unimplemented
-from schemas.gpus import LaunchSpec, OfferQuery, ProviderName
+from schemas.gpus import LaunchSpec, OfferQuery
 from schemas.replies import Pong, ReservationView
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -203,23 +203,9 @@ class GPUProxyService(pb_grpc.GPUProxyServiceServicer):
     async def BatchCreateGPUInstances(
         self, request: pb.BatchCreateGPUInstancesRequest, context: Context
     ) -> pb.BatchCreateGPUInstancesResponse:
-        counts: dict[ProviderName, int] = {}
-        for name, value in request.counts.items():
-            counts[requests.provider(name, field="counts")] = requests.batch_count(
-                value, field=f"counts.{name}"
-            )
-        if request.vastai_count:
-            counts[ProviderName.VASTAI] = requests.batch_count(
-                request.vastai_count, field="vastai_count"
-            )
-        if request.ionet_count:
-            counts[ProviderName.IONET] = requests.batch_count(
-                request.ionet_count, field="ionet_count"
-            )
-        if not any(counts.values()):
-            raise InvalidArgument("ask for at least one instance", field="counts")
-        if sum(counts.values()) > 16:
-            raise InvalidArgument("at most 16 instances in one batch", field="counts")
+        counts = requests.batch_counts(
+            request.counts, vastai=request.vastai_count, ionet=request.ionet_count
+        )
         made = await self._gpus.batch(
             principal.current(),
             counts,
@@ -269,20 +255,10 @@ class GPUProxyService(pb_grpc.GPUProxyServiceServicer):
     async def ReserveGPUs(
         self, request: pb.ReserveGPUsRequest, context: Context
     ) -> pb.ReserveGPUsResponse:
-        price = request.max_price_micros or (
-            requests.price_micros(request.max_price, field="max_price") if request.max_price else 0
-        )
-        query = requests.query(
-            provider_text=request.provider,
-            min_vram=request.min_vram,
-            max_price_micros=price,
-            gpu_model=request.gpu_model,
-            location=request.location,
-        )
         view = await self._gpus.reserve(
             principal.current(),
             count=requests.count(request.count),
-            query=query,
+            query=_query(request, prefix=""),
             spec=requests.spec(
                 image=request.image,
                 env=dict(request.env),
@@ -413,7 +389,10 @@ def _reservation(view: ReservationView) -> pb.Reservation:
     return reservation_proto(view.reservation, view.instances)
 
 
-def _query(request: pb.ListGPUInstancesRequest, *, prefix: str) -> OfferQuery:
+def _query(
+    request: pb.ListGPUInstancesRequest | pb.ReserveGPUsRequest, *, prefix: str
+) -> OfferQuery:
+    """The filters both messages carry under the same names."""
     price = request.max_price_micros or (
         requests.price_micros(request.max_price, field=f"{prefix}max_price")
         if request.max_price

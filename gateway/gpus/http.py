@@ -25,7 +25,7 @@ from gateway.gpus.views import instance_json, offer_json, reservation_json
 from gateway.http_io import body, json_response
 from schemas import catalogue
 from schemas.errors import InvalidArgument
-from schemas.gpus import OfferQuery, ProviderName
+from schemas.gpus import OfferQuery
 from schemas.replies import BatchCreated, ReservationView
 
 IDEMPOTENCY_KEY = "Idempotency-Key"
@@ -112,23 +112,6 @@ def _reservation_answer(view: ReservationView) -> dict[str, Any]:
     return reservation_json(view.reservation, view.instances)
 
 
-def _batch_counts(batch: BatchBody) -> dict[ProviderName, int]:
-    counts: dict[ProviderName, int] = {}
-    for name, value in batch.counts.items():
-        counts[requests.provider(name, field="counts")] = requests.batch_count(
-            value, field=f"counts.{name}"
-        )
-    if batch.vastai_count:
-        counts[ProviderName.VASTAI] = requests.batch_count(batch.vastai_count, field="vastai_count")
-    if batch.ionet_count:
-        counts[ProviderName.IONET] = requests.batch_count(batch.ionet_count, field="ionet_count")
-    if not any(counts.values()):
-        raise InvalidArgument("ask for at least one instance", field="counts")
-    if sum(counts.values()) > 16:
-        raise InvalidArgument("at most 16 instances in one batch", field="counts")
-    return counts
-
-
 def routes(guard: HttpGuard, gpus: GpuService, preferences: PreferenceStore) -> list[Route]:
     async def offers(request: Request) -> Response:
         found = await gpus.search(principal.current(), _query_of(request))
@@ -203,7 +186,9 @@ def routes(guard: HttpGuard, gpus: GpuService, preferences: PreferenceStore) -> 
         batch_body = await body(request, BatchBody)
         made: BatchCreated = await gpus.batch(
             principal.current(),
-            _batch_counts(batch_body),
+            requests.batch_counts(
+                batch_body.counts, vastai=batch_body.vastai_count, ionet=batch_body.ionet_count
+            ),
             batch_body.filters.checked("filters."),
             _spec(batch_body.config, "config."),
             request.headers.get(IDEMPOTENCY_KEY),

@@ -184,6 +184,24 @@ def batch_count(value: int, *, field: str) -> int:
     return value
 
 
+def batch_counts(
+    counts: Mapping[str, int], *, vastai: int = 0, ionet: int = 0
+) -> dict[ProviderName, int]:
+    """Instances per provider: `counts` by name, plus the original API's two fields."""
+    found: dict[ProviderName, int] = {}
+    for name, value in counts.items():
+        found[provider(name, field="counts")] = batch_count(value, field=f"counts.{name}")
+    if vastai:
+        found[ProviderName.VASTAI] = batch_count(vastai, field="vastai_count")
+    if ionet:
+        found[ProviderName.IONET] = batch_count(ionet, field="ionet_count")
+    if not any(found.values()):
+        raise InvalidArgument("ask for at least one instance", field="counts")
+    if sum(found.values()) > MAX_BATCH_COUNT:
+        raise InvalidArgument(f"at most {MAX_BATCH_COUNT} instances in one batch", field="counts")
+    return found
+
+
 def lease_seconds(value: int | None, *, field: str = "lease_seconds") -> int:
     if value is None or value == 0:
         return DEFAULT_LEASE_SECONDS

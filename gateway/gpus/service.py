@@ -11,6 +11,7 @@ from gateway import validation
 from gateway.auth.principal import Principal
 from gateway.gpus.preferences import PreferenceStore, with_defaults
 from schemas.commands import (
+    DEFAULT_LEASE_SECONDS,
     CommandBase,
     CreateBatch,
     CreateInstance,
@@ -163,7 +164,7 @@ class GpuService:
             query=query,
             spec=spec,
             strategy=strategy or preferences.strategy,
-            lease_seconds=lease_seconds or preferences.lease_seconds or 3600,
+            lease_seconds=lease_seconds or preferences.lease_seconds or DEFAULT_LEASE_SECONDS,
             ready_seconds=ready_seconds,
         )
         return await self._call(

@@ -159,7 +159,7 @@ class Provisioning:
         instance_id = instance_id_for(command.command_id, 0)
         if await self._registry.instance(instance_id) is None:
             offer = await self._launcher.offer(command.provider, command.offer_id)
-            await self._launcher.record_offer(instance_id, command.actor, offer, command.spec, "")
+            await self._registry.add(new_instance(instance_id, command.actor, offer, command.spec))
         instance = await self._launcher.launch(instance_id)
         self._follow(instance)
         return InstanceView(instance=instance, message=instance.reason)

@@ -273,14 +273,6 @@ class Launcher:
             # The reconciler destroys machines whose record has ended; it will try again.
             log.warning("destroying %s at %s failed: %s", provider_id, provider.name, exc.message)
 
-    async def record_offer(
-        self, instance_id: str, owner: str, offer: GpuOffer, spec: LaunchSpec, reservation_id: str
-    ) -> Instance:
-        instance, _ = await self._registry.add(
-            new_instance(instance_id, owner, offer, spec, reservation_id=reservation_id)
-        )
-        return instance
-
     async def offer(self, provider: ProviderName, offer_id: str) -> GpuOffer:
         found = await self._fleet.offer(provider, offer_id)
         if found is None or found.available < 1:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 from bus.tasks import cancel_and_wait
 from schemas.errors import DeadlineExceeded, GpuproxyError
@@ -25,7 +26,6 @@ from schemas.gpus import (
     TERMINAL_STATES,
     Instance,
     InstanceState,
-    ProviderName,
     ReservationState,
     instance_of_label,
 )
@@ -78,7 +78,7 @@ class Reconciler:
                 self._every(self._config.reconcile_seconds, self.round), name="reconciler"
             ),
             asyncio.create_task(
-                self._every(self._config.meter_seconds, self._meter_pass), name="meter"
+                self._every(self._config.meter_seconds, self._meter.pass_once), name="meter"
             ),
         ]
 
@@ -99,8 +99,7 @@ class Reconciler:
                 self._lease.held = False
             await asyncio.sleep(period)
 
-    async def _every(self, seconds: float, job: object) -> None:
-        assert callable(job)
+    async def _every(self, seconds: float, job: Callable[[], Awaitable[object]]) -> None:
         while True:
             await asyncio.sleep(seconds)
             if not self._lease.held:
@@ -109,9 +108,6 @@ class Reconciler:
                 await job()
             except Exception as exc:
                 log.exception("reconciler job failed (%s)", type(exc).__name__)
-
-    async def _meter_pass(self) -> None:
-        await self._meter.pass_once()
 
     async def round(self) -> None:
         for provider in self._fleet.providers():
@@ -202,7 +198,7 @@ class Reconciler:
         failed once their deadline passes, never left transient."""
         configured = set(self._fleet.names)
         for instance in self._registry.live_instances():
-            if ProviderName(instance.provider) in configured:
+            if instance.provider in configured:
                 continue
             if instance.deadline_ms and now_ms() > instance.deadline_ms:
                 await self._registry.move(
