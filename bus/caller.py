@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,15 +24,23 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.errors import KeyNotFoundError
+from nats.errors import Error as NatsError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from bus.codec import Decoder, encode
 from bus.topology import declare_bucket, declare_stream
 from schemas import subjects, topology
-from schemas.commands import CommandBase, name_of
+from schemas.commands import CommandBase, Departure, is_keyed, name_of
 from schemas.control import Cancel
-from schemas.errors import DeadlineExceeded, Internal, Unavailable, error_from_info
+from schemas.errors import (
+    DeadlineExceeded,
+    IdempotencyKeyReused,
+    Internal,
+    PayloadTooLarge,
+    Unavailable,
+    error_from_info,
+)
 from schemas.replies import Chunk, Data, Failure, Heartbeat, Outcome, Reply, Result
 
 T = TypeVar("T")
@@ -86,7 +95,7 @@ async def _within(waiter: asyncio.Future[T], seconds: float, error: Callable[[],
 class _Inbox:
     """The chunks of one call, in arrival order, checked for attempt and sequence."""
 
-    __slots__ = ("_attempt", "_chunks", "_expected", "_waiter", "ack", "streamed")
+    __slots__ = ("_attempt", "_chunks", "_expected", "_waiter", "ack", "run", "sent", "streamed")
 
     def __init__(self) -> None:
         self._chunks: collections.deque[Chunk] = collections.deque()
@@ -96,6 +105,10 @@ class _Inbox:
         self._attempt = 0
         self._expected = 0
         self.streamed = False
+        self.sent = False
+        """This call's publish is the one JetStream took (not a repeat of an earlier call's):
+        only then may its departure stop the command."""
+        self.run = 0
 
     def put(self, chunk: Chunk) -> None:
         self._chunks.append(chunk)
@@ -146,11 +159,13 @@ class CommandCaller:
         self._decoder: Decoder[Chunk] = Decoder(Chunk)
         self._sub: Subscription | None = None
         self._results: KeyValue | None = None
+        self._keys: KeyValue | None = None
 
     async def start(self) -> None:
         await declare_stream(self._js, topology.command_stream(self._replicas))
         await declare_stream(self._js, topology.event_stream(self._replicas))
         self._results = await declare_bucket(self._js, topology.results_bucket(self._replicas))
+        self._keys = await declare_bucket(self._js, topology.keys_bucket(self._replicas))
         self._sub = await self._nc.subscribe(
             subjects.replies_to(self._gateway_id), cb=self._on_reply
         )
@@ -183,7 +198,7 @@ class CommandCaller:
                     finished = True
                     return chunk.result
         finally:
-            await self._close(token, kind, command.command_id, finished)
+            await self._close(token, kind, command, finished)
 
     async def stream(
         self, kind: subjects.WorkerKind, command: CommandBase, *, timeout: float
@@ -214,7 +229,7 @@ class CommandCaller:
                 if finished:
                     return
         finally:
-            await self._close(token, kind, command.command_id, finished)
+            await self._close(token, kind, command, finished)
 
     def _open(self) -> tuple[str, _Inbox]:
         token = str(next(self._tokens))
@@ -222,23 +237,92 @@ class CommandCaller:
         return token, inbox
 
     async def _close(
-        self, token: str, kind: subjects.WorkerKind, command_id: str, finished: bool
+        self, token: str, kind: subjects.WorkerKind, command: CommandBase, finished: bool
     ) -> None:
-        del self._calls[token]
-        if not finished:
+        inbox = self._calls.pop(token)
+        if not finished and inbox.sent and _stops_when_left(command):
             with contextlib.suppress(Exception):
-                await self._nc.publish(subjects.cancel(kind), encode(Cancel(command_id=command_id)))
+                cancel = Cancel(command_id=command.command_id, run=inbox.run)
+                await self._nc.publish(subjects.cancel(kind), encode(cancel))
 
     async def _send(
         self, kind: subjects.WorkerKind, command: CommandBase, token: str, deadline: float
     ) -> Outcome | None:
-        """Publish the command; returns the earlier outcome when it is a repeat."""
+        """Publish the command; returns the earlier outcome when it is a repeat.
+
+        A repeat attaches to the earlier call's command: it waits for its outcome. When that
+        run was stopped before it had effects (its caller left), the repeat sends the command
+        again as the next run, so a retry is never answered "cancelled" for someone's
+        departure.
+        """
+        if is_keyed(command.command_id):
+            await self._bind(command, deadline)
+        inbox = self._calls[token]
+        run = 0
+        while True:
+            if await self._publish(kind, command, token, run, deadline):
+                inbox.sent, inbox.run = True, run
+                return None
+            outcome = await self._await_outcome(command.command_id, run, deadline)
+            if outcome.stopped_run is None:
+                return outcome
+            run = outcome.stopped_run + 1
+
+    async def _bind(self, command: CommandBase, deadline: float) -> None:
+        """Tie an idempotency key to the request it was first used for."""
+        assert self._keys is not None
+        request = msgspec.structs.replace(command, issued_at_ms=0)
+        digest = hashlib.blake2b(
+            name_of(command).encode() + b"\x00" + encode(request), digest_size=16
+        ).hexdigest()
+        pause = _Pause()
+        while time.monotonic() < deadline:
+            try:
+                await self._keys.create(command.command_id, digest.encode())
+                return
+            except KeyWrongLastSequenceError:
+                pass
+            except (NatsError, TimeoutError):
+                await pause(deadline)  # a leader being elected: ask again
+                continue
+            try:
+                entry = await self._keys.get(command.command_id)
+            except KeyNotFoundError:
+                continue  # expired between the two calls: claim it afresh
+            except (NatsError, TimeoutError):
+                await pause(deadline)
+                continue
+            if entry.value is not None and entry.value.decode() != digest:
+                raise IdempotencyKeyReused(
+                    "this key was first used for another request (another method or body);"
+                    " use a new key for a new request",
+                    field="idempotency-key",
+                )
+            return
+        raise Unavailable("the idempotency key could not be checked before the deadline")
+
+    async def _publish(
+        self,
+        kind: subjects.WorkerKind,
+        command: CommandBase,
+        token: str,
+        run: int,
+        deadline: float,
+    ) -> bool:
+        """Publish one run of the command; False when JetStream already had it."""
         headers = {
-            subjects.HEADER_MSG_ID: command.command_id,
+            subjects.HEADER_MSG_ID: subjects.message_id(command.command_id, run),
             subjects.HEADER_REPLY: subjects.reply(self._gateway_id, token),
             subjects.HEADER_DEADLINE: str(int((time.time() + deadline - time.monotonic()) * 1000)),
         }
         subject, payload = subjects.command(kind, name_of(command)), encode(command)
+        # As the server counts it: "NATS/1.0\r\n", "key: value\r\n" each, "\r\n", payload.
+        size = 12 + sum(len(k) + len(v) + 4 for k, v in headers.items()) + len(payload)
+        if size > self._nc.max_payload:
+            raise PayloadTooLarge(
+                f"the request makes a command of {size} bytes, more than the "
+                f"{self._nc.max_payload} bytes the command bus carries (NATS max_payload)"
+            )
         inbox = self._calls[token]
         ack_to = subjects.reply(self._gateway_id, f"{_ACK}{token}")
         while True:
@@ -261,22 +345,24 @@ class CommandCaller:
             raise Unavailable(
                 f"the command bus refused the command: {ack.error.get('description')}"
             )
-        if ack.duplicate:
-            return await self._await_outcome(command.command_id, deadline)
-        return None
+        return not ack.duplicate
 
-    async def _await_outcome(self, command_id: str, deadline: float) -> Outcome:
+    async def _await_outcome(self, command_id: str, run: int, deadline: float) -> Outcome:
+        """The outcome of `run` or a later run of the command, once there is one."""
         assert self._results is not None
-        delay = 0.01
+        pause = _Pause()
         while time.monotonic() < deadline:
             try:
                 entry = await self._results.get(command_id)
             except KeyNotFoundError:
                 entry = None
+            except (NatsError, TimeoutError):
+                entry = None  # the bucket's leader is being elected: the answer is not lost
             if entry is not None and entry.value is not None:
-                return msgspec.json.decode(entry.value, type=Outcome)
-            await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0)))
-            delay = min(delay * 2, 0.5)
+                outcome = msgspec.json.decode(entry.value, type=Outcome)
+                if outcome.stopped_run is None or outcome.stopped_run >= run:
+                    return outcome
+            await pause(deadline)
         raise DeadlineExceeded("the earlier request with this idempotency key has not finished")
 
     async def _on_reply(self, msg: Msg) -> None:
@@ -293,6 +379,27 @@ class CommandCaller:
             inbox.put(self._decoder.decode(msg.data))
         except msgspec.DecodeError:
             return
+
+
+class _Pause:
+    """Waits between polls: 10 ms, doubling to half a second, never past the deadline."""
+
+    def __init__(self) -> None:
+        self._delay = 0.01
+
+    async def __call__(self, deadline: float) -> None:
+        await asyncio.sleep(min(self._delay, max(deadline - time.monotonic(), 0)))
+        self._delay = min(self._delay * 2, 0.5)
+
+
+def _stops_when_left(command: CommandBase) -> bool:
+    match type(command).on_caller_left:
+        case Departure.STOP:
+            return True
+        case Departure.FINISH_IF_KEYED:
+            return not is_keyed(command.command_id)
+        case Departure.FINISH:
+            return False
 
 
 def _result_of(outcome: Outcome) -> Reply:

@@ -14,17 +14,21 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from bus.codec import encode
+from bus.tasks import cancel_and_wait
 
 log = logging.getLogger("gpuproxy.bus")
 
 _STATUS = "Status"
+_FIRST_BACKOFF = 0.05
+_MAX_BACKOFF = 2.0
 _PENDING_MESSAGES = "Nats-Pending-Messages"
 
 
@@ -55,6 +59,11 @@ class PullConsumer:
         self._last_seen = time.monotonic()
         self._watchdog: asyncio.Task[None] | None = None
         self._closed = False
+        self._left: list[Msg] = []
+        """Messages that arrived after `stop` began: never delivered, handed back by the caller."""
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._backoff = 0.0
+        """Seconds before the next pull request after the server dropped ours (409/503)."""
 
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(self._inbox, cb=self._on_message)
@@ -64,26 +73,27 @@ class PullConsumer:
     async def stop(self) -> list[Msg]:
         """Stop asking for work; returns messages that arrived but were never delivered."""
         self._closed = True
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
-        left: list[Msg] = []
+        tasks = [t for t in (self._watchdog, *self._tasks) if t is not None]
+        await cancel_and_wait(tasks)
         if self._sub is not None:
-            queue = self._sub._pending_queue
-            while not queue.empty():
-                msg = queue.get_nowait()
-                if not msg.headers or _STATUS not in msg.headers:
-                    left.append(msg)
+            # Drain runs every message already received through `_on_message`, which now
+            # keeps them in `_left` instead of delivering them, then unsubscribes.
             with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+                await asyncio.wait_for(self._sub.drain(), 5.0)  # type: ignore[no-untyped-call]
+        left, self._left = self._left, []
         return left
 
     def release(self) -> None:
         """A delivered message is finished (acked, naked or termed): room for another."""
         self._in_hand -= 1
         if not self._closed and self._requested + self._in_hand <= self._window // 2:
-            asyncio.get_running_loop().create_task(self._top_up())
+            self._spawn(self._top_up())
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        # Kept until done: the event loop holds only weak references to tasks.
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _top_up(self) -> None:
         want = self._window - self._in_hand - self._requested
@@ -105,8 +115,13 @@ class PullConsumer:
         self._last_seen = time.monotonic()
         headers = msg.headers
         if headers and _STATUS in headers:
-            self._on_status(headers)
+            if not self._closed:
+                self._on_status(headers)
             return
+        if self._closed:
+            self._left.append(msg)
+            return
+        self._backoff = 0.0
         self._requested = max(0, self._requested - 1)
         self._in_hand += 1
         self._deliver(msg)
@@ -120,9 +135,18 @@ class PullConsumer:
         released = headers.get(_PENDING_MESSAGES)
         if status in ("404", "408") and released is not None:
             self._requested = max(0, self._requested - int(released))
-        else:
-            self._requested = 0
-        asyncio.get_running_loop().create_task(self._top_up())
+            self._spawn(self._top_up())
+            return
+        self._requested = 0
+        # The server refused or dropped our requests (409 too many waiting, consumer being
+        # recreated; 503 no responders while a leader is elected): asking again at once
+        # would only hammer it, so back off, doubling up to a couple of seconds.
+        self._backoff = min(max(self._backoff * 2, _FIRST_BACKOFF), _MAX_BACKOFF)
+        self._spawn(self._top_up_after(self._backoff))
+
+    async def _top_up_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        await self._top_up()
 
     async def _watch(self) -> None:
         # Pull requests live on the server: after a reconnect (server restart, another

@@ -12,9 +12,13 @@ results bucket instead of running again.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
+import hashlib
+import itertools
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -25,12 +29,14 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from bus.codec import Decoder, encode
 from bus.consumer import PullConsumer
 from bus.events import EventPublisher
+from bus.tasks import cancel_and_wait
 from bus.topology import declare_bucket, declare_consumer, declare_stream
 from schemas import subjects, topology
 from schemas.commands import Command, CommandBase
@@ -72,6 +78,11 @@ class Context:
     def worker_kind(self) -> str:
         return str(self._runtime.kind)
 
+    @property
+    def caller_left(self) -> bool:
+        """The command is being cancelled because its caller went away (not a shutdown)."""
+        return self._job.cancel_reason is not None
+
     async def send(self, body: bytes) -> None:
         """Stream a piece of the answer to the caller now."""
         await self._runtime._send(self._job, lambda seq: Data(**self._job.head(seq), body=body))
@@ -80,7 +91,10 @@ class Context:
 @dataclass(eq=False)
 class _Job:
     msg: Msg
+    key: str
+    """The message id: one run of one command (`subjects.message_id`)."""
     command_id: str
+    run: int
     attempt: int
     reply_to: str | None
     started: float = field(default_factory=time.monotonic)
@@ -96,6 +110,10 @@ def _heartbeat(job: _Job, seq: int) -> Heartbeat:
     return Heartbeat(**job.head(seq))
 
 
+class _StoreFailed(Exception):
+    """JetStream did not confirm an outcome in time: the message must not be acked."""
+
+
 class CommandRuntime:
     def __init__(
         self,
@@ -108,6 +126,7 @@ class CommandRuntime:
         max_deliver: int = 5,
         window: int = 64,
         stream_replicas: int = 1,
+        store_timeout: float = 10.0,
     ) -> None:
         self._nc = nc
         self._js = nc.jetstream()
@@ -118,32 +137,48 @@ class CommandRuntime:
         self._max_deliver = max_deliver
         self._window = window
         self._replicas = stream_replicas
+        self._store_timeout = store_timeout
         self._decoder: Decoder[Command] = Decoder(Command)
         self._jobs: dict[str, _Job] = {}
-        self._cancelled: dict[str, float] = {}
+        self._cancelled: collections.OrderedDict[str, float] = collections.OrderedDict()
+        """Cancels by message id, oldest first, for commands that may not have arrived yet."""
         self._results: KeyValue | None = None
+        self._drains: KeyValue | None = None
         self._results_prefix = ""
         self._consumer: PullConsumer | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._cancel_sub: Subscription | None = None
         self._cancel_decoder: Decoder[Cancel] = Decoder(Cancel)
+        self._stores = _StoreAcks(nc)
         self.events = EventPublisher(self._js)
 
     @property
     def in_flight(self) -> int:
         return len(self._jobs)
 
+    @property
+    def ack_wait(self) -> float:
+        """The consumer's ack wait in force (read back from JetStream at start)."""
+        return self._ack_wait
+
     async def start(self) -> None:
         await declare_stream(self._js, topology.command_stream(self._replicas))
         await declare_stream(self._js, topology.event_stream(self._replicas))
-        await declare_consumer(
-            self._js,
-            topology.command_consumer(
-                self.kind, ack_wait_seconds=self._ack_wait, max_deliver=self._max_deliver
-            ),
+        config = await declare_consumer(
+            self._nc, topology.command_consumer(self.kind, ack_wait_seconds=self._ack_wait)
         )
+        if config.ack_wait is not None and config.ack_wait != self._ack_wait:
+            log.info(
+                "%s: the consumer's ack wait is %.1f s (set by the replica that created it);"
+                " keep-alives follow it",
+                self.kind,
+                config.ack_wait,
+            )
+            self._ack_wait = config.ack_wait
         self._results = await declare_bucket(self._js, topology.results_bucket(self._replicas))
+        self._drains = await declare_bucket(self._js, topology.drains_bucket(self._replicas))
         self._results_prefix = f"$KV.{topology.RESULTS_BUCKET}."
+        await self._stores.start()
         self._consumer = PullConsumer(
             self._nc,
             stream=topology.COMMAND_STREAM,
@@ -159,6 +194,9 @@ class CommandRuntime:
     async def stop(self, drain_timeout: float = 20.0) -> int:
         """Take no more work, let running commands finish for up to `drain_timeout`, then
         hand the rest back to JetStream for another replica. Returns how many were handed back.
+
+        A handed-back delivery is noted in the drains bucket first, so it does not count
+        against the command's delivery budget.
         """
         if self._consumer is None:
             return 0
@@ -166,33 +204,35 @@ class CommandRuntime:
             with contextlib.suppress(Exception):
                 await self._cancel_sub.unsubscribe()
         for msg in await self._consumer.stop():
-            with contextlib.suppress(Exception):
-                await msg.nak()
+            await self._hand_back(msg)
         tasks = [job.task for job in self._jobs.values() if job.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=drain_timeout)
         abandoned = [job for job in self._jobs.values() if job.task is not None]
         for job in abandoned:
             job.cancel_reason = None
-            assert job.task is not None
-            job.task.cancel()
-        if abandoned:
-            await asyncio.wait([job.task for job in abandoned if job.task is not None])
+        # Each abandoned job hands its message back as it is cancelled (see `_settle`).
+        await cancel_and_wait([job.task for job in abandoned if job.task is not None])
         if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
+            await cancel_and_wait([self._ticker])
+        await self._stores.stop()
         return len(abandoned)
 
-    def cancel(self, command_id: str, reason: str) -> bool:
-        """Stop the command if this replica runs it; remember it if it has not arrived yet."""
+    def cancel(self, command_id: str, reason: str, run: int = 0) -> bool:
+        """Stop that run of the command if this replica runs it; remember it if it has not
+        arrived yet."""
+        key = subjects.message_id(command_id, run)
         now = time.monotonic()
-        self._cancelled[command_id] = now
+        self._cancelled[key] = now
+        self._cancelled.move_to_end(key)
         # Forget cancels older than the dedupe window: their commands can no longer arrive.
         horizon = now - topology.DEDUPE_WINDOW_SECONDS
-        if len(self._cancelled) > 1024:
-            self._cancelled = {k: t for k, t in self._cancelled.items() if t > horizon}
-        job = self._jobs.get(command_id)
+        while self._cancelled:
+            oldest, at = next(iter(self._cancelled.items()))
+            if at > horizon:
+                break
+            del self._cancelled[oldest]
+        job = self._jobs.get(key)
         if job is None or job.task is None:
             return False
         job.cancel_reason = reason
@@ -204,52 +244,56 @@ class CommandRuntime:
             cancel = self._cancel_decoder.decode(msg.data)
         except msgspec.DecodeError:
             return
-        self.cancel(cancel.command_id, cancel.reason)
+        self.cancel(cancel.command_id, cancel.reason, cancel.run)
 
     def _dispatch(self, msg: Msg) -> None:
         headers = msg.headers or {}
-        command_id = headers.get(subjects.HEADER_MSG_ID) or uuid.uuid4().hex
+        key = headers.get(subjects.HEADER_MSG_ID) or uuid.uuid4().hex
         assert self._consumer is not None
-        if command_id in self._jobs:
+        if key in self._jobs:
             # Redelivered while still running here (a keep-alive came late): the running
             # copy acks or naks this stream sequence; a second run would do the work twice.
             self._consumer.release()
             return
+        command_id, run = subjects.parse_message_id(key)
         job = _Job(
             msg=msg,
+            key=key,
             command_id=command_id,
+            run=run,
             attempt=msg.metadata.num_delivered,
             reply_to=headers.get(subjects.HEADER_REPLY),
         )
-        self._jobs[command_id] = job
+        self._jobs[key] = job
         job.task = asyncio.get_running_loop().create_task(self._run(job, headers))
 
     async def _run(self, job: _Job, headers: Mapping[str, str]) -> None:
         try:
             await self._settle(job, headers)
+        except _StoreFailed:
+            # The answer is not safe in JetStream: let the command come back rather than ack
+            # a command whose retry would find nothing.
+            log.warning("command %s: its outcome could not be stored; handed back", job.key)
+            with contextlib.suppress(Exception):
+                await job.msg.nak(delay=1.0)
         finally:
-            self._jobs.pop(job.command_id, None)
+            self._jobs.pop(job.key, None)
             assert self._consumer is not None
             self._consumer.release()
 
     async def _settle(self, job: _Job, headers: Mapping[str, str]) -> None:
         msg = job.msg
-        # First: a command that finished before (its ack was lost) keeps its answer, whatever
-        # happened since; the checks below would otherwise overwrite it.
-        if job.attempt > 1 and (known := await self._known_outcome(job.command_id)) is not None:
-            await self._reply_terminal(job, known)
-            await msg.ack()
+        if job.attempt > 1 and await self._answered_before(job):
             return
-        if job.command_id in self._cancelled:
-            await self._finish(job, Outcome(error=Cancelled("cancelled by the caller").to_info()))
-            await msg.term()
+        if job.key in self._cancelled:
+            await self._withdraw(job, Cancelled("cancelled by the caller"))
             return
         deadline = headers.get(subjects.HEADER_DEADLINE)
         if deadline is not None and deadline.isdigit() and int(deadline) < time.time() * 1000:
             # Nobody waits for this answer any more; doing the work now would only surprise.
-            expired = DeadlineExceeded("the request expired before a worker could take it")
-            await self._finish(job, Outcome(error=expired.to_info()))
-            await msg.term()
+            await self._withdraw(
+                job, DeadlineExceeded("the request expired before a worker could take it")
+            )
             return
         try:
             command = self._decoder.decode(msg.data)
@@ -272,14 +316,13 @@ class CommandRuntime:
         except asyncio.CancelledError:
             if job.cancel_reason is None:
                 # Shutdown: hand the command to another replica straight away.
-                with contextlib.suppress(Exception):
-                    await msg.nak()
+                await asyncio.shield(self._hand_back(msg))
                 raise
-            await self._finish(job, Outcome(error=Cancelled(job.cancel_reason).to_info()))
-            await msg.term()
+            # The caller left: this run had no effects (or undid them), so it is no answer.
+            await self._withdraw(job, Cancelled(job.cancel_reason))
         except Exception as exc:
             # Log the type only: an unexpected exception's text may quote request content.
-            log.exception("command %s failed unexpectedly (%s)", job.command_id, type(exc).__name__)
+            log.exception("command %s failed unexpectedly (%s)", job.key, type(exc).__name__)
             await self._retry(
                 job, min(2.0**job.attempt, 30.0), Internal("internal error").to_info()
             )
@@ -287,35 +330,94 @@ class CommandRuntime:
             await self._finish(job, Outcome(result=reply))
             await msg.ack()
 
+    async def _answered_before(self, job: _Job) -> bool:
+        """Settle a redelivery from what is known: a finished command keeps its answer (its
+        ack was lost), a stopped run stays stopped, and a command past its delivery budget
+        ends here, wherever its earlier deliveries ran (a worker that died mid-command
+        leaves nobody else to end it)."""
+        known = await self._known_outcome(job.command_id)
+        if known is not None and known.finished:
+            await self._reply_terminal(job, known)
+            await job.msg.ack()
+            return True
+        if known is not None and known.stopped_run is not None and known.stopped_run >= job.run:
+            await self._reply_terminal(job, known)
+            await job.msg.term()
+            return True
+        tries = job.attempt - await self._drained(job.key)
+        if tries > self._max_deliver:
+            spent = Internal(
+                f"the command was delivered {tries - 1} times without finishing; gave up"
+            )
+            await self._dead_letter(job, spent.to_info(), deliveries=tries - 1)
+            return True
+        return False
+
+    async def _withdraw(self, job: _Job, error: GpuproxyError) -> None:
+        """End a run that is no answer: a retry with the same key runs the command again."""
+        await self._finish(job, Outcome(error=error.to_info(), stopped_run=job.run))
+        await job.msg.term()
+
     async def _retry(self, job: _Job, delay: float, error: ErrorInfo) -> None:
-        if job.attempt >= self._max_deliver:
+        if job.attempt - await self._drained(job.key) >= self._max_deliver:
             await self._dead_letter(job, error)
             return
         await job.msg.nak(delay=delay)
 
-    async def _dead_letter(self, job: _Job, error: ErrorInfo) -> None:
+    async def _dead_letter(
+        self, job: _Job, error: ErrorInfo, *, deliveries: int | None = None
+    ) -> None:
         await self._finish(job, Outcome(error=error))
         await job.msg.term()
         await self.events.publish(
             CommandDeadLettered(
-                event_id=f"dead-{job.command_id}",
+                event_id=f"dead-{job.key}",
                 occurred_at_ms=int(time.time() * 1000),
                 command_id=job.command_id,
                 subject=job.msg.subject,
-                deliveries=job.attempt,
+                deliveries=job.attempt if deliveries is None else deliveries,
                 error=error,
             )
         )
 
     async def _finish(self, job: _Job, outcome: Outcome) -> None:
-        """Remember the answer, then give it to the caller; both before the message is acked.
+        """Give the caller its answer, then make it durable; both before the message is acked.
 
-        The outcome goes to the results bucket's subject as a plain publish: it travels the
-        same connection ahead of the ack, so JetStream receives it first, and the worker does
-        not wait a round trip for a store acknowledgement on every command.
+        The caller hears first, so storing costs it no latency. The outcome is stored with a
+        JetStream publish whose acknowledgement is awaited: on a cluster the results bucket
+        and the command consumer have different leaders, and only the acknowledgement says
+        the answer is there for a retry before the command leaves the stream.
         """
-        await self._nc.publish(f"{self._results_prefix}{job.command_id}", encode(outcome))
         await self._reply_terminal(job, outcome)
+        stored = await self._stores.publish(
+            f"{self._results_prefix}{job.command_id}", encode(outcome), self._store_timeout
+        )
+        if not stored:
+            raise _StoreFailed
+
+    async def _hand_back(self, msg: Msg) -> None:
+        """Give a delivery back to JetStream for another replica, without spending budget."""
+        key = (msg.headers or {}).get(subjects.HEADER_MSG_ID)
+        if key is not None and self._drains is not None:
+            with contextlib.suppress(Exception):
+                drained = await self._drained(key)
+                await self._drains.put(_drain_key(key), str(drained + 1).encode())
+        with contextlib.suppress(Exception):
+            await msg.nak()
+
+    async def _drained(self, key: str) -> int:
+        if self._drains is None:
+            return 0
+        try:
+            entry = await self._drains.get(_drain_key(key))
+        except KeyNotFoundError:
+            return 0
+        except (NatsError, TimeoutError) as exc:
+            # Unknown drains count as failures: at worst a command ends a little early.
+            log.warning("drains of %s unreadable (%s)", key, type(exc).__name__)
+            return 0
+        raw = (entry.value or b"0").decode()
+        return int(raw) if raw.isdigit() else 0
 
     async def _known_outcome(self, command_id: str) -> Outcome | None:
         assert self._results is not None
@@ -345,8 +447,8 @@ class CommandRuntime:
     async def _keep_alive(self) -> None:
         # One ticker for all running commands: JetStream must not redeliver work that is alive,
         # and the caller wants to know the worker has not gone away.
-        period = max(self._ack_wait / 3, 0.1)
         while True:
+            period = max(self._ack_wait / 3, 0.1)
             await asyncio.sleep(period)
             now = time.monotonic()
             for job in list(self._jobs.values()):
@@ -355,3 +457,82 @@ class CommandRuntime:
                 with contextlib.suppress(Exception):
                     await job.msg.in_progress()
                     await self._send(job, functools.partial(_heartbeat, job))
+
+
+def _drain_key(msg_id: str) -> str:
+    # KV keys allow letters, digits and - / _ = . only; message ids are made of those.
+    return msg_id if _KV_KEY.fullmatch(msg_id) else hashlib.sha256(msg_id.encode()).hexdigest()
+
+
+_KV_KEY = re.compile(r"[-/_=.a-zA-Z0-9]+")
+
+
+class _StoreAcks:
+    """JetStream publishes whose acknowledgements come back on one subscription.
+
+    nats-py's `js.publish` makes a request per call (a waiter task, json.loads and a
+    dataclass per acknowledgement); at one store per command that is measurable (`just
+    bench`). This is the same exchange with one future per publish and msgspec decoding.
+    """
+
+    def __init__(self, nc: Client) -> None:
+        self._nc = nc
+        self._prefix = nc.new_inbox()
+        self._tokens = itertools.count()
+        self._waiting: dict[str, asyncio.Future[bool]] = {}
+        self._sub: Subscription | None = None
+
+    async def start(self) -> None:
+        self._sub = await self._nc.subscribe(f"{self._prefix}.*", cb=self._on_ack)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+    async def publish(self, subject: str, payload: bytes, timeout: float) -> bool:
+        """True once JetStream has stored the message; False when it has not within
+        `timeout` (each try waits up to a second: a lost publish is sent again)."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout
+        while True:
+            token = str(next(self._tokens))
+            waiter = self._waiting[token] = loop.create_future()
+            timer = loop.call_later(
+                min(1.0, max(give_up - loop.time(), 0.0)), _settle_waiter, waiter, False
+            )
+            try:
+                with contextlib.suppress(Exception):
+                    await self._nc.publish(subject, payload, reply=f"{self._prefix}.{token}")
+                if await waiter:
+                    return True
+            finally:
+                timer.cancel()
+                del self._waiting[token]
+            if loop.time() >= give_up:
+                return False
+            await asyncio.sleep(0.05)
+
+    async def _on_ack(self, msg: Msg) -> None:
+        waiter = self._waiting.get(msg.subject.rsplit(".", 1)[-1])
+        if waiter is None:
+            return
+        stored = False
+        if not (msg.headers and msg.headers.get("Status") == "503"):
+            try:
+                stored = _pub_ack.decode(msg.data).error is None
+            except msgspec.DecodeError:
+                stored = False
+        _settle_waiter(waiter, stored)
+
+
+def _settle_waiter(waiter: asyncio.Future[bool], value: bool) -> None:
+    if not waiter.done():
+        waiter.set_result(value)
+
+
+class _PubAck(msgspec.Struct):
+    error: dict[str, object] | None = None
+
+
+_pub_ack = msgspec.json.Decoder(_PubAck)

@@ -6,12 +6,15 @@ consumer is updated to the spec, so changing a spec and restarting rolls it out.
 
 from __future__ import annotations
 
+import json
 import logging
 
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
+    ConsumerInfo,
     DeliverPolicy,
     KeyValueConfig,
     RetentionPolicy,
@@ -21,9 +24,13 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
+from schemas.errors import Unavailable
 from schemas.topology import ConsumerSpec, KeyValueSpec, StreamSpec
 
 log = logging.getLogger("gpuproxy.bus")
+
+_CONSUMER_EXISTS = 10148
+"""JetStream's error code for a create-only consumer request whose consumer exists."""
 
 
 def _stream_config(spec: StreamSpec) -> StreamConfig:
@@ -52,8 +59,17 @@ async def declare_stream(js: JetStreamContext, spec: StreamSpec) -> None:
     await js.update_stream(config)
 
 
-async def declare_consumer(js: JetStreamContext, spec: ConsumerSpec) -> None:
-    config = ConsumerConfig(
+async def declare_consumer(nc: Client, spec: ConsumerSpec) -> ConsumerConfig:
+    """Create the durable consumer, or take the one that is there; returns its actual config.
+
+    Replicas may run with different settings (a rolling change of `GPUPROXY_ACK_WAIT`); were
+    each to write its own value, they would rewrite the shared consumer back and forth and
+    each keep-alive would follow a value that is not in force. So the first declaration wins
+    for the ack wait, every replica reads back what is there, and only what is fixed by this
+    version (the filter, unlimited redelivery) is brought into line.
+    """
+    js = nc.jetstream()
+    wanted = ConsumerConfig(
         durable_name=spec.durable,
         filter_subject=spec.filter_subject,
         ack_policy=AckPolicy.EXPLICIT,
@@ -63,8 +79,41 @@ async def declare_consumer(js: JetStreamContext, spec: ConsumerSpec) -> None:
         max_ack_pending=spec.max_ack_pending,
         max_waiting=512,
     )
-    # The server creates the consumer, or updates the editable fields of an existing one.
-    await js.add_consumer(spec.stream, config)
+    for _ in range(3):
+        try:
+            existing: ConsumerConfig = (await js.consumer_info(spec.stream, spec.durable)).config
+        except NotFoundError:
+            created = await _create_only(nc, spec, wanted)
+            if created is not None:
+                return created
+            continue  # another replica created it meanwhile: take theirs
+        if (existing.max_deliver or -1) == spec.max_deliver and (
+            existing.filter_subject == spec.filter_subject
+        ):
+            return existing
+        if existing.ack_wait is not None:
+            wanted.ack_wait = existing.ack_wait
+        log.info("consumer %s: bringing redelivery and filter in line", spec.durable)
+        updated: ConsumerConfig = (await js.add_consumer(spec.stream, wanted)).config
+        return updated
+    raise Unavailable(f"cannot declare the consumer {spec.durable}")
+
+
+async def _create_only(
+    nc: Client, spec: ConsumerSpec, config: ConsumerConfig
+) -> ConsumerConfig | None:
+    """Create the consumer unless it exists (JetStream's `action: create`, which nats-py's
+    `add_consumer` does not expose); None when another process was first."""
+    subject = f"$JS.API.CONSUMER.CREATE.{spec.stream}.{spec.durable}.{spec.filter_subject}"
+    request = {"stream_name": spec.stream, "config": config.as_dict(), "action": "create"}
+    answer = json.loads((await nc.request(subject, json.dumps(request).encode(), 5.0)).data)
+    error = answer.get("error")
+    if error is None:
+        created: ConsumerConfig = ConsumerInfo.from_response(answer).config
+        return created
+    if error.get("err_code") == _CONSUMER_EXISTS:
+        return None
+    raise Unavailable(f"cannot create the consumer {spec.durable}: {error.get('description')}")
 
 
 async def declare_bucket(js: JetStreamContext, spec: KeyValueSpec) -> KeyValue:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import msgspec
 
+from bus.connection import RECONNECT_BUFFER_BYTES, NatsCredentials
 from gateway.auth.tokens import KeyRing
 
 
 class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: str
+    nats_credentials: NatsCredentials | None = None
+    """The gateway's NATS user; None: a server without authentication (or the URL's own)."""
+    nats_reconnect_buffer: int = RECONNECT_BUFFER_BYTES
     database_url: str
     gateway_id: str
     keys: KeyRing
@@ -19,7 +23,7 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
     request_timeout: float = 30.0
     """Seconds a command may take when the client sets no deadline of its own."""
     probe_timeout: float = 2.0
-    """Seconds readiness waits for each worker kind to answer its ping."""
+    """Seconds each health check (database, streams, worker status) may take."""
     stream_replicas: int = 1
     log_level: str = "info"
     access_ttl: int = 900
@@ -27,6 +31,9 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
     trusted_proxies: tuple[str, ...] = ()
     """CIDRs of reverse proxies whose `X-Forwarded-For` names the client."""
     auth_attempts_per_minute: int = 60
-    """Sign-ins, registrations and refreshes per client address per minute; 0: no limit."""
+    """Sign-ins, registrations and refreshes per client address per minute, and failed
+    credentials per client address per minute (counted apart); 0: no limit."""
+    max_body_bytes: int = 16 * 1024 * 1024
+    """The largest HTTP request body or gRPC request message either front door reads."""
     resync_access: bool = True
     """Bring the access bucket up to SQL at start (repairs a write cut short by a crash)."""

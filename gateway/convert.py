@@ -37,7 +37,7 @@ def pong_to_proto(pong: Pong) -> pb.PingResponse:
 
 def health_to_proto(report: HealthReport) -> pb.HealthCheckResponse:
     return pb.HealthCheckResponse(
-        status="healthy" if report.healthy else "degraded",
+        status=report.status,
         timestamp=report.checked_at_ms // 1000,
         details=report.details,
     )

@@ -7,7 +7,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 
 def engine_for(url: str) -> AsyncEngine:
-    return create_async_engine(url, pool_pre_ping=True)
+    # An SQL error's text carries its bound values (a password hash, a token digest) unless
+    # told not to, and that text reaches tracebacks and logs.
+    return create_async_engine(url, pool_pre_ping=True, hide_parameters=True)
 
 
 async def reachable(engine: AsyncEngine) -> None:

@@ -41,7 +41,8 @@ CUIC = "CUIC messaging over the inference data plane"
 
 
 def answers_errors(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """Turn a raised `GpuproxyError` into the matching gRPC status and message."""
+    """Turn a raised `GpuproxyError` into the matching gRPC status and message. Any other
+    exception is `gateway.unexpected`'s: INTERNAL with an error id, never its text."""
 
     @functools.wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -243,9 +244,9 @@ class GPUProxyService(pb_grpc.GPUProxyServiceServicer):
     async def ListOwnedGPUInstances(
         self, request: pb.ListOwnedGPUInstancesRequest, context: Context
     ) -> pb.ListGPUInstancesResponse:
-        listed = await self._gpus.instances(
-            principal.current(), request.user_id, include_ended=request.include_ended
-        )
+        caller = principal.current()
+        owner = await self._accounts.acting_for(caller, request.user_id, every_account=True)
+        listed = await self._gpus.instances(caller, owner, include_ended=request.include_ended)
         return pb.ListGPUInstancesResponse(
             instances=[instance_proto(i) for i in listed.instances],
             total_count=len(listed.instances),
@@ -294,12 +295,10 @@ class GPUProxyService(pb_grpc.GPUProxyServiceServicer):
     async def ListReservations(
         self, request: pb.ListReservationsRequest, context: Context
     ) -> pb.ListReservationsResponse:
-        listed = await self._gpus.reservations(
-            principal.current(), request.user_id, include_ended=request.include_ended
-        )
-        return pb.ListReservationsResponse(
-            reservations=[reservation_proto(r, []) for r in listed.reservations]
-        )
+        caller = principal.current()
+        owner = await self._accounts.acting_for(caller, request.user_id, every_account=True)
+        views = await self._gpus.reservations(caller, owner, include_ended=request.include_ended)
+        return pb.ListReservationsResponse(reservations=[_reservation(v) for v in views])
 
     @answers_errors
     async def RenewReservation(
@@ -394,7 +393,7 @@ def _query(
 ) -> OfferQuery:
     """The filters both messages carry under the same names."""
     price = request.max_price_micros or (
-        requests.price_micros(request.max_price, field=f"{prefix}max_price")
+        requests.max_price_micros(request.max_price, field=f"{prefix}max_price")
         if request.max_price
         else 0
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -23,6 +24,8 @@ from gateway.gpus.preferences import PreferenceStore
 from gateway.gpus.service import GpuService
 from gateway.health import Health
 from gateway.http_io import body, json_response
+from gateway.http_query import only
+from gateway.unexpected import UnexpectedHttpErrors
 from schemas.commands import Ping
 from schemas.errors import GpuproxyError
 from schemas.replies import Pong
@@ -50,16 +53,22 @@ def build_app(
         return json_response(200, {"status": "ok"})
 
     async def ready(request: Request) -> Response:
-        report = await health.report()
-        status = "ready" if report.healthy else "not ready"
+        readiness = await health.readiness()
+        status = "ready" if readiness.ready else "not ready"
         return json_response(
-            200 if report.healthy else 503, {"status": status, "details": report.details}
+            200 if readiness.ready else 503, {"status": status, "details": readiness.details}
         )
 
     async def health_report(request: Request) -> Response:
+        # A status page, not a gate: 503 only when this gateway itself cannot take calls.
         report = await health.report()
-        body = {"status": "healthy" if report.healthy else "degraded", "details": report.details}
-        return json_response(200 if report.healthy else 503, body)
+        body = {
+            "status": report.status,
+            "checked_at_ms": report.checked_at_ms,
+            "details": report.details,
+            "workers": report.workers,
+        }
+        return json_response(200 if report.ready else 503, body)
 
     async def ping(request: Request) -> Response:
         ping_body = await body(request, PingBody)
@@ -94,9 +103,11 @@ def build_app(
             guard.route("/health", health_report, methods=["GET"], requirement=PUBLIC),
             guard.route("/healthz", live, methods=["GET"], requirement=PUBLIC),
             guard.route("/readyz", ready, methods=["GET"], requirement=PUBLIC),
-            guard.route("/api/v1/ping", ping, methods=["POST"], requirement=SIGNED_IN),
+            guard.route("/api/v1/ping", only(ping), methods=["POST"], requirement=SIGNED_IN),
             *account_routes(guard, accounts, ip_access),
-            *gpu_routes(guard, gpus, preferences),
+            *gpu_routes(guard, gpus, preferences, accounts),
         ],
         exception_handlers={GpuproxyError: on_error, HTTPException: on_http_error},
+        # Inside Starlette's own error middleware, which would answer a bare text 500.
+        middleware=[Middleware(UnexpectedHttpErrors)],
     )

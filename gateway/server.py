@@ -42,8 +42,10 @@ from gateway.gpus.service import GpuService
 from gateway.grpc_service import GPUProxyService
 from gateway.health import Health
 from gateway.http_app import build_app
+from gateway.http_io import BodyLimit
 from gateway.pb import gpuproxy_pb2 as pb
 from gateway.pb import gpuproxy_pb2_grpc as pb_grpc
+from gateway.unexpected import UnexpectedErrors
 from schemas import topology
 
 log = logging.getLogger("gpuproxy.gateway")
@@ -90,11 +92,17 @@ async def serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
 
-    nc = await connect(config.nats_url, name=config.gateway_id)
+    nc = await connect(
+        config.nats_url,
+        name=config.gateway_id,
+        credentials=config.nats_credentials,
+        inbox="gateway",
+        reconnect_buffer=config.nats_reconnect_buffer,
+    )
     caller = CommandCaller(nc, gateway_id=config.gateway_id, stream_replicas=config.stream_replicas)
     await caller.start()
     engine = engine_for(config.database_url)
-    checks = Health(nc, caller, engine, probe_timeout=config.probe_timeout)
+    checks = Health(nc, engine, probe_timeout=config.probe_timeout)
     js = nc.jetstream()
     events = EventPublisher(js)
     authority = TokenAuthority(config.keys, ttl_seconds=config.access_ttl)
@@ -125,8 +133,13 @@ async def serve(
     gpus = GpuService(caller, preferences, timeout=config.request_timeout)
 
     server = grpc.aio.server(
-        interceptors=[GuardInterceptor(gatekeeper, GRPC_METHODS)],
-        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+        # The first interceptor is the outermost: a failure in admission is covered too.
+        interceptors=[UnexpectedErrors(), GuardInterceptor(gatekeeper, GRPC_METHODS)],
+        options=[
+            ("grpc.so_reuseport", 0),
+            # The same bound as an HTTP body; grpc answers RESOURCE_EXHAUSTED past it.
+            ("grpc.max_receive_message_length", config.max_body_bytes),
+        ],
     )
     pb_grpc.add_GPUProxyServiceServicer_to_server(
         GPUProxyService(caller, checks, accounts, config, gpus), server
@@ -143,15 +156,18 @@ async def serve(
 
     http = _HttpServer(
         uvicorn.Config(
-            build_app(
-                caller,
-                checks,
-                HttpGuard(gatekeeper),
-                accounts,
-                ip_access,
-                config,
-                gpus,
-                preferences,
+            BodyLimit(
+                build_app(
+                    caller,
+                    checks,
+                    HttpGuard(gatekeeper),
+                    accounts,
+                    ip_access,
+                    config,
+                    gpus,
+                    preferences,
+                ),
+                limit=config.max_body_bytes,
             ),
             host=config.bind,
             port=config.http_port,
@@ -190,6 +206,7 @@ async def serve(
     await asyncio.gather(server.stop(GRACE_SECONDS), http_task, return_exceptions=True)
     if resync is not None:
         resync.cancel()
+    await checks.stop()
     await caller.stop()
     await usage.stop()
     await view.stop()

@@ -7,7 +7,7 @@ import hashlib
 from nats.nuid import NUID
 
 from schemas import subjects
-from schemas.commands import MAX_PING_DELAY_MS
+from schemas.commands import KEYED_PREFIX, MAX_PING_DELAY_MS
 from schemas.errors import InvalidArgument
 from schemas.subjects import WorkerKind
 
@@ -28,7 +28,7 @@ def command_id(idempotency_key: str | None, *, field: str, owner: str) -> str:
             "must be 1 to 64 characters of letters, digits, '-' or '_'", field=field
         )
     scoped = hashlib.blake2b(f"{owner}\x00{idempotency_key}".encode(), digest_size=16)
-    return f"k{scoped.hexdigest()}"
+    return f"{KEYED_PREFIX}{scoped.hexdigest()}"
 
 
 def worker_kind(value: str, *, field: str = "worker_kind") -> WorkerKind:

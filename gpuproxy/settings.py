@@ -11,6 +11,8 @@ from pathlib import Path
 
 import msgspec
 
+from bus.connection import RECONNECT_BUFFER_BYTES, NatsCredentials
+from gpuproxy.natsd import payload_limit
 from schemas.errors import ConfigError
 from schemas.gpus import PLACEMENT_STRATEGIES, PROVIDER_ALIASES, ProviderName
 
@@ -33,6 +35,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     request_timeout: float
     trusted_proxies: tuple[str, ...] = ()
     auth_attempts_per_minute: int = 60
+    max_body_bytes: int = 16 * 1024 * 1024
+    """The largest request either front door reads (HTTP body, gRPC message)."""
     providers: tuple[str, ...] = ()
     sim_dir: Path | None = None
     sim_owner_pid: int = 0
@@ -44,6 +48,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     reconcile_interval: float = 10.0
     meter_interval: float = 5.0
     lease_ttl: float = 10.0
+    nats_credentials: NatsCredentials | None = None
+    """NATS_USER with NATS_PASSWORD or NATS_PASSWORD_FILE; None: none, or those in NATS_URL."""
+    nats_reconnect_buffer: int = RECONNECT_BUFFER_BYTES
+    """Bytes a NATS connection keeps of what it sends while it reconnects."""
 
 
 DEFAULTS: dict[str, str] = {
@@ -60,6 +68,7 @@ DEFAULTS: dict[str, str] = {
     "GPUPROXY_DRAIN_TIMEOUT": "20",
     "GPUPROXY_REQUEST_TIMEOUT": "30",
     "GPUPROXY_AUTH_ATTEMPTS_PER_MINUTE": "60",
+    "GPUPROXY_MAX_BODY_BYTES": str(16 * 1024 * 1024),
     "GPUPROXY_SIM_OWNER_PID": "0",
     "GPUPROXY_PLACEMENT": "cheapest",
     "GPUPROXY_PENDING_TIMEOUT": "60",
@@ -69,6 +78,7 @@ DEFAULTS: dict[str, str] = {
     "GPUPROXY_RECONCILE_INTERVAL": "10",
     "GPUPROXY_METER_INTERVAL": "5",
     "GPUPROXY_LEASE_TTL": "10",
+    "GPUPROXY_NATS_RECONNECT_BUFFER_BYTES": str(RECONNECT_BUFFER_BYTES),
 }
 """Every setting with a default; NATS_URL and DATABASE_URL default to the embedded ones."""
 
@@ -113,6 +123,34 @@ def _nats_url(env: Mapping[str, str]) -> str | None:
                 "must be nats://host:port (several separated by commas)", field="NATS_URL"
             )
     return raw
+
+
+def _nats_credentials(env: Mapping[str, str]) -> NatsCredentials | None:
+    user = env.get("NATS_USER", "").strip()
+    password = env.get("NATS_PASSWORD", "")
+    password_file = env.get("NATS_PASSWORD_FILE", "").strip()
+    if not user:
+        if password or password_file:
+            raise ConfigError("is not set, but a NATS password is", field="NATS_USER")
+        return None
+    if password and password_file:
+        raise ConfigError("set NATS_PASSWORD or this, not both", field="NATS_PASSWORD_FILE")
+    if password_file:
+        try:
+            password = Path(password_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read {password_file}: {exc.strerror or type(exc).__name__}",
+                field="NATS_PASSWORD_FILE",
+            ) from None
+        if not password:
+            raise ConfigError(f"{password_file} is empty", field="NATS_PASSWORD_FILE")
+    if not password:
+        raise ConfigError(
+            "NATS_USER is set: give its password here or in NATS_PASSWORD_FILE",
+            field="NATS_PASSWORD",
+        )
+    return NatsCredentials(user, password)
 
 
 def _database_url(env: Mapping[str, str], data_dir: Path) -> str:
@@ -180,7 +218,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     log_level = env.get("LOG_LEVEL", DEFAULTS["LOG_LEVEL"]).strip().lower()
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"must be one of {', '.join(LOG_LEVELS)}", field="LOG_LEVEL")
-    return Settings(
+    settings = Settings(
         data_dir=data_dir,
         nats_url=_nats_url(env),
         database_url=_database_url(env, data_dir),
@@ -197,6 +235,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         request_timeout=_seconds(env, "GPUPROXY_REQUEST_TIMEOUT", 0.1, 3600),
         trusted_proxies=_trusted_proxies(env),
         auth_attempts_per_minute=_int(env, "GPUPROXY_AUTH_ATTEMPTS_PER_MINUTE", 0, 1_000_000),
+        # NATS caps a message at 64 MiB, and a command carries the whole request.
+        max_body_bytes=_int(env, "GPUPROXY_MAX_BODY_BYTES", 1024, 64 * 1024 * 1024),
         providers=_providers(env),
         sim_dir=Path(env["GPUPROXY_SIM_DIR"]).absolute()
         if env.get("GPUPROXY_SIM_DIR", "").strip()
@@ -210,7 +250,18 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         reconcile_interval=_seconds(env, "GPUPROXY_RECONCILE_INTERVAL", 0.1, 3600),
         meter_interval=_seconds(env, "GPUPROXY_METER_INTERVAL", 0.1, 60),
         lease_ttl=_seconds(env, "GPUPROXY_LEASE_TTL", 1, 600),
+        nats_credentials=_nats_credentials(env),
+        nats_reconnect_buffer=_int(env, "GPUPROXY_NATS_RECONNECT_BUFFER_BYTES", 1024 * 1024, 2**30),
     )
+    largest = payload_limit(settings.max_body_bytes)
+    if settings.nats_reconnect_buffer < largest:
+        # nats-py refuses a message larger than what is left of the buffer while it reconnects.
+        raise ConfigError(
+            f"must hold the largest command, {largest} bytes with GPUPROXY_MAX_BODY_BYTES "
+            f"of {settings.max_body_bytes}",
+            field="GPUPROXY_NATS_RECONNECT_BUFFER_BYTES",
+        )
+    return settings
 
 
 def ensure_data_dir(data_dir: Path) -> None:

@@ -73,21 +73,28 @@ class Child:
         await asyncio.gather(*self.pumps, return_exceptions=True)
 
 
-async def supervise(env: Mapping[str, str], *, drain_timeout: float) -> int:
+async def supervise(
+    env: Mapping[str, str],
+    *,
+    drain_timeout: float,
+    env_of: Mapping[str, Mapping[str, str]] | None = None,
+) -> int:
+    """`env_of`: settings of one child only, by its name (its own NATS credentials)."""
     children = [Child("gateway", ["gateway"], stop_grace=20.0)] + [
         Child(str(kind), ["worker", str(kind)], stop_grace=drain_timeout + 10.0)
         for kind in WorkerKind
     ]
-    child_env = {**env, PARENT_PID: str(os.getpid())}
+    shared = {**env, PARENT_PID: str(os.getpid())}
+    envs = {child.name: {**shared, **(env_of or {}).get(child.name, {})} for child in children}
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
 
     for child in children:
-        await child.start(child_env)
+        await child.start(envs[child.name])
     watchers = [
-        asyncio.create_task(_keep_running(child, child_env, stopping)) for child in children
+        asyncio.create_task(_keep_running(child, envs[child.name], stopping)) for child in children
     ]
     await stopping.wait()
     say("supervisor", "stopping: gateway first, then workers drain")

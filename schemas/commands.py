@@ -7,7 +7,8 @@ inside the dedupe window and the worker answers a redelivery from the results bu
 
 from __future__ import annotations
 
-from typing import Annotated
+import enum
+from typing import Annotated, ClassVar
 
 import msgspec
 
@@ -16,10 +17,33 @@ from schemas.gpus import LaunchSpec, OfferQuery, ProviderName
 
 MAX_PING_DELAY_MS = 60_000
 
+KEYED_PREFIX = "k-"
+"""Starts the id of a command derived from a client's idempotency key (and only those)."""
+
+
+def is_keyed(command_id: str) -> bool:
+    """The client sent an idempotency key: it may come back for the answer with a retry."""
+    return command_id.startswith(KEYED_PREFIX)
+
+
+class Departure(enum.StrEnum):
+    """What happens to a running command when its caller goes away (deadline, disconnect)."""
+
+    STOP = "stop"
+    """Stopped at once: it has no effects, so a retry simply runs it again."""
+    FINISH = "finish"
+    """Runs to the end; a retry with the same key gets its answer."""
+    FINISH_IF_KEYED = "finish_if_keyed"
+    """Runs to the end when the client sent an idempotency key (it can come back for the
+    answer); without one nobody can, so it is stopped and whatever it made is undone."""
+
 
 class CommandBase(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    on_caller_left: ClassVar[Departure] = Departure.STOP
+
     command_id: str
-    """Unique per logical request: the client's idempotency key when it sent one."""
+    """Unique per logical request: derived from the client's idempotency key when it sent
+    one (then it starts with `KEYED_PREFIX`)."""
     actor: str = ""
     """Who asked: a user id once accounts exist; empty for anonymous system calls."""
     actor_admin: bool = False
@@ -61,6 +85,8 @@ class FindGpu(CommandBase, frozen=True, kw_only=True, tag="gpu_find"):
 class CreateInstance(CommandBase, frozen=True, kw_only=True, tag="instance_create"):
     """Rent one offer; answers once the provider accepted (the instance is `starting`)."""
 
+    on_caller_left: ClassVar[Departure] = Departure.FINISH
+
     provider: ProviderName
     offer_id: str
     spec: LaunchSpec = LaunchSpec()
@@ -70,12 +96,16 @@ class CreateBatch(CommandBase, frozen=True, kw_only=True, tag="instance_batch"):
     """Rent the cheapest matching offers, `counts` per provider; each instance stands alone
     (unlike a reservation, one that fails does not undo the others)."""
 
+    on_caller_left: ClassVar[Departure] = Departure.FINISH
+
     counts: dict[ProviderName, Annotated[int, msgspec.Meta(ge=0, le=MAX_BATCH_COUNT)]]
     query: OfferQuery = OfferQuery()
     spec: LaunchSpec = LaunchSpec()
 
 
 class DestroyInstance(CommandBase, frozen=True, kw_only=True, tag="instance_destroy"):
+    on_caller_left: ClassVar[Departure] = Departure.FINISH
+
     instance_id: str
     provider: ProviderName | None = None
     """When given, the instance must be at this provider."""
@@ -89,6 +119,8 @@ class ListInstances(CommandBase, frozen=True, kw_only=True, tag="instance_list")
 
 class Reserve(CommandBase, frozen=True, kw_only=True, tag="reservation_create"):
     """Create `count` instances, all or nothing, and answer when every one is ready."""
+
+    on_caller_left: ClassVar[Departure] = Departure.FINISH_IF_KEYED
 
     count: Annotated[int, msgspec.Meta(ge=1, le=MAX_RESERVE_COUNT)]
     query: OfferQuery = OfferQuery()
@@ -114,12 +146,16 @@ class ListReservations(CommandBase, frozen=True, kw_only=True, tag="reservation_
 class RenewReservation(CommandBase, frozen=True, kw_only=True, tag="reservation_renew"):
     """Set the lease to end `lease_seconds` from now."""
 
+    on_caller_left: ClassVar[Departure] = Departure.FINISH
+
     reservation_id: str
     lease_seconds: Annotated[int, msgspec.Meta(ge=MIN_LEASE_SECONDS, le=MAX_LEASE_SECONDS)]
 
 
 class ReleaseReservation(CommandBase, frozen=True, kw_only=True, tag="reservation_release"):
     """End the lease now: the reservation's instances are destroyed."""
+
+    on_caller_left: ClassVar[Departure] = Departure.FINISH
 
     reservation_id: str
 

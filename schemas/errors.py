@@ -84,9 +84,22 @@ class FailedPrecondition(GpuproxyError):
     code = ErrorCode.FAILED_PRECONDITION
 
 
+class IdempotencyKeyReused(FailedPrecondition):
+    """The key was first used with another method or another request body. Payment APIs
+    answer this as a conflict (HTTP 409); an answer to the other request would be wrong.
+    Raised by the gateway itself, so it never needs a code of its own on the bus."""
+
+
 class ResourceExhausted(GpuproxyError):
     code = ErrorCode.RESOURCE_EXHAUSTED
     retriable = True
+
+
+class PayloadTooLarge(ResourceExhausted):
+    """A request, or the command made of it, larger than a limit it must fit in (HTTP 413);
+    the message names the limit. Sending the same again cannot succeed."""
+
+    retriable = False
 
 
 class Cancelled(GpuproxyError):

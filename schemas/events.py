@@ -108,6 +108,10 @@ class InstanceTransitioned(EventBase, frozen=True, kw_only=True, tag="instance.t
 
 
 class ReservationTransitioned(EventBase, frozen=True, kw_only=True, tag="reservation.transitioned"):
+    """A reservation entered `to_state` (once each: the id is `reservation-<id>-<state>`).
+    `degraded` and `failed` after `active` mean some or all of its instances ended; `reason`
+    names them and why."""
+
     reservation_id: str
     owner: str
     from_state: str

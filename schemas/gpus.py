@@ -187,6 +187,13 @@ class Instance(msgspec.Struct, frozen=True, kw_only=True):
     """When it stopped being billable (destroy asked, or found gone); 0: not yet."""
     created_by: str = ""
     """The provisioner replica that made the provider call."""
+    claimed_by: str = ""
+    """While provisioning: the one attempt allowed to call the provider for it (a token
+    naming the replica and the attempt). Another attempt of the same command waits for its
+    answer instead of renting a second machine."""
+    claim_until_ms: int = 0
+    """The claim holds until then; its holder renews it while the provider call runs, so a
+    claim that lapses means its holder died and another attempt may take over."""
 
 
 class ReservationState(enum.StrEnum):
@@ -194,17 +201,25 @@ class ReservationState(enum.StrEnum):
     """Instances being created; the reservation command is still working."""
     ACTIVE = "active"
     """Every instance is running and ready; the lease runs."""
+    DEGRADED = "degraded"
+    """Was active; some of its instances failed, were taken back or destroyed since (the
+    reason names them). The others still serve and the lease still runs."""
     RELEASING = "releasing"
     """Lease ended or released: its instances are being destroyed."""
     RELEASED = "released"
     EXPIRED = "expired"
     FAILED = "failed"
-    """Could not be completed; whatever was created was destroyed."""
+    """Could not be completed, or every one of its instances ended while it was active;
+    whatever was created was destroyed."""
 
 
 RESERVATION_TERMINAL = frozenset(
     {ReservationState.RELEASED, ReservationState.EXPIRED, ReservationState.FAILED}
 )
+
+RESERVATION_HELD = frozenset({ReservationState.ACTIVE, ReservationState.DEGRADED})
+"""A reservation in one of these was completed and holds machines under its lease: it follows
+its instances, renews, expires and is released."""
 
 
 class Reservation(msgspec.Struct, frozen=True, kw_only=True):

@@ -111,3 +111,11 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
 
     result: Reply | None = None
     error: ErrorInfo | None = None
+    stopped_run: int | None = None
+    """Set when this is no answer: that run of the command was stopped before it had effects
+    (its caller left, or its deadline passed first). A retry with the same idempotency key
+    starts the next run instead of being answered with `error`."""
+
+    @property
+    def finished(self) -> bool:
+        return self.stopped_run is None

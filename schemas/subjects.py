@@ -56,6 +56,24 @@ def cancel(kind: WorkerKind) -> str:
     return f"{CONTROL}.cancel.{kind}"
 
 
+_RUN = "="
+
+
+def message_id(command_id: str, run: int) -> str:
+    """The `Nats-Msg-Id` of one run of a command. Run 0 is the command id itself; a command
+    whose run was stopped before it had effects is sent again as the next run, which
+    JetStream's dedupe window would otherwise drop."""
+    return command_id if run == 0 else f"{command_id}{_RUN}{run}"
+
+
+def parse_message_id(msg_id: str) -> tuple[str, int]:
+    """`(command id, run)` of a `Nats-Msg-Id` made by `message_id`."""
+    command_id, sep, run = msg_id.rpartition(_RUN)
+    if sep and run.isdigit() and command_id:
+        return command_id, int(run)
+    return msg_id, 0
+
+
 # Headers a command carries besides `Nats-Msg-Id`.
 HEADER_MSG_ID = "Nats-Msg-Id"
 HEADER_REPLY = "Gpuproxy-Reply"

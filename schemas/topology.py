@@ -44,6 +44,13 @@ RESULTS_BUCKET = "gpuproxy-results"
 """Terminal answers by command id: a redelivered or repeated command is answered from here
 instead of being carried out twice."""
 
+KEYS_BUCKET = "gpuproxy-idempotency"
+"""What each idempotency key was first used for (a digest of method and request) by command
+id: the same key with another request is refused instead of answered with the first's answer."""
+DRAINS_BUCKET = "gpuproxy-drains"
+"""How many times a stopping worker handed a command back, by message id: those deliveries
+do not count against the command's delivery budget."""
+
 ACCESS_BUCKET = "gpuproxy-access"
 """Who may do what (`schemas.access`): users and API keys, watched by every gateway."""
 ENDED_SESSIONS_BUCKET = "gpuproxy-ended-sessions"
@@ -62,6 +69,11 @@ LEASES_BUCKET = "gpuproxy-leases"
 """Short leases that elect one replica for a singleton job (the provisioner's reconciler);
 a holder that dies stops renewing and its lease ages out."""
 LEASE_TTL_SECONDS = 10.0
+WORKERS_BUCKET = "gpuproxy-workers"
+"""Worker replicas' heartbeats (`schemas.heartbeat.WorkerHeartbeat`) by `<kind>.<worker id>`:
+which replicas take commands, read by the gateways' status without sending any command."""
+HEARTBEAT_SECONDS = 5.0
+"""How often a worker replica puts its heartbeat."""
 
 MAX_ACCESS_TTL_SECONDS = 24 * 3600
 """The longest an access token may live; ended sessions are remembered a little longer."""
@@ -75,7 +87,7 @@ def command_stream(replicas: int = 1) -> StreamSpec:
         name=COMMAND_STREAM,
         subjects=(f"{subjects.COMMANDS}.>",),
         retention="workqueue",
-        max_age_seconds=24 * 3600.0,
+        max_age_seconds=COMMAND_MAX_AGE_SECONDS,
         duplicate_window_seconds=DEDUPE_WINDOW_SECONDS,
         replicas=replicas,
     )
@@ -92,15 +104,18 @@ def event_stream(replicas: int = 1) -> StreamSpec:
     )
 
 
-def command_consumer(
-    kind: WorkerKind, *, ack_wait_seconds: float = 30.0, max_deliver: int = 5
-) -> ConsumerSpec:
+COMMAND_MAX_AGE_SECONDS = 24 * 3600.0
+
+
+def command_consumer(kind: WorkerKind, *, ack_wait_seconds: float = 30.0) -> ConsumerSpec:
+    # JetStream cannot tell a delivery handed back by a draining worker from one that failed,
+    # so it redelivers without limit and the workers keep the budget (`DRAINS_BUCKET`).
     return ConsumerSpec(
         stream=COMMAND_STREAM,
         durable=str(kind),
         filter_subject=subjects.commands_of(kind),
         ack_wait_seconds=ack_wait_seconds,
-        max_deliver=max_deliver,
+        max_deliver=-1,
         max_ack_pending=4096,
     )
 
@@ -110,6 +125,18 @@ def results_bucket(replicas: int = 1) -> KeyValueSpec:
     # duplicate still finds its answer.
     return KeyValueSpec(
         bucket=RESULTS_BUCKET, ttl_seconds=DEDUPE_WINDOW_SECONDS * 2, replicas=replicas
+    )
+
+
+def keys_bucket(replicas: int = 1) -> KeyValueSpec:
+    # As long as JetStream recognises a repeat: past that, a key starts afresh.
+    return KeyValueSpec(bucket=KEYS_BUCKET, ttl_seconds=DEDUPE_WINDOW_SECONDS, replicas=replicas)
+
+
+def drains_bucket(replicas: int = 1) -> KeyValueSpec:
+    # A handed-back command may wait in the stream as long as the stream keeps it.
+    return KeyValueSpec(
+        bucket=DRAINS_BUCKET, ttl_seconds=COMMAND_MAX_AGE_SECONDS, replicas=replicas
     )
 
 
@@ -140,6 +167,11 @@ def reservations_bucket(replicas: int = 1) -> KeyValueSpec:
 
 def leases_bucket(replicas: int = 1, ttl_seconds: float = LEASE_TTL_SECONDS) -> KeyValueSpec:
     return KeyValueSpec(bucket=LEASES_BUCKET, ttl_seconds=ttl_seconds, replicas=replicas)
+
+
+def workers_bucket(replicas: int = 1, heartbeat_seconds: float = HEARTBEAT_SECONDS) -> KeyValueSpec:
+    # Three beats missed before a replica counts as gone: one late put is not a death.
+    return KeyValueSpec(bucket=WORKERS_BUCKET, ttl_seconds=heartbeat_seconds * 3, replicas=replicas)
 
 
 def static_claims_bucket(replicas: int = 1) -> KeyValueSpec:

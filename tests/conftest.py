@@ -100,6 +100,7 @@ async def _purge(url: str) -> None:
         topology.RESERVATIONS_BUCKET,
         topology.LEASES_BUCKET,
         topology.STATIC_CLAIMS_BUCKET,
+        topology.WORKERS_BUCKET,
     ):
         with contextlib.suppress(NotFoundError):
             await js.delete_key_value(bucket)

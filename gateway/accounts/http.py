@@ -1,7 +1,9 @@
 """HTTP routes of accounts and access: auth, API keys, users (admin), address lists, export.
 
-Every route is made through the guard with its requirement. `?user_id=` lets an admin act
-on another account; for anyone else another account's things answer 404, as if absent.
+Every route is made through the guard with its requirement and the query parameters it
+takes (any other is refused). `?user_id=` follows the one rule of `AccountService.acting_for`:
+an admin acts on another existing account, anyone else only on their own. A resource named
+by its id (a key, a list entry) that belongs to another account answers 404, as if absent.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.accounts.ip_access import LISTS, ConfigChange, IpAccess, NewEntry
+from gateway.accounts.ip_access import LISTS, ConfigChange, IpAccess, NewEntry, aliased
 from gateway.accounts.service import AccountService, KeyRequest, UserChange
 from gateway.auth import addresses, principal
 from gateway.auth.http_guard import HttpGuard, presented_by
 from gateway.auth.policy import ADMIN, CREDENTIALS, SESSION, Requirement
 from gateway.http_io import body, json_response
+from gateway.http_query import Endpoint, only
 from schemas.errors import InvalidArgument
 
 
@@ -31,8 +34,10 @@ class RefreshBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     refresh_token: str
 
 
-class CheckBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    ip_address: str
+class CheckBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    ip_address: str | None = None
+    ip: str | None = None
+    """The obvious name, accepted for `ip_address`."""
 
 
 def _int_query(request: Request, name: str, default: int, low: int, high: int) -> int:
@@ -48,14 +53,29 @@ def _int_query(request: Request, name: str, default: int, low: int, high: int) -
     return value
 
 
+FOR_ACCOUNT = ("user_id",)
+"""What a route about "your" things takes: an admin names another account with it."""
+
+
 def routes(guard: HttpGuard, service: AccountService, ip_access: IpAccess) -> list[Route]:
+    def public(path: str, endpoint: Endpoint) -> Route:
+        return guard.route(path, only(endpoint), methods=["POST"], requirement=CREDENTIALS)
+
+    def signed_in(
+        path: str,
+        endpoint: Endpoint,
+        method: str,
+        rule: Requirement = SESSION,
+        *,
+        params: tuple[str, ...] = (),
+    ) -> Route:
+        return guard.route(path, only(endpoint, params), methods=[method], requirement=rule)
+
     async def owner(request: Request) -> str:
         """The account a request acts on: the caller's, or `?user_id=` for an admin."""
-        caller = principal.current()
-        wanted = request.query_params.get("user_id") or caller.user_id
-        if wanted != caller.user_id:
-            await service.user(caller, wanted)  # NotFound unless admin and it exists
-        return wanted
+        return await service.acting_for(
+            principal.current(), request.query_params.get("user_id", "")
+        )
 
     # --- public: sessions -----------------------------------------------------------------
 
@@ -96,7 +116,11 @@ def routes(guard: HttpGuard, service: AccountService, ip_access: IpAccess) -> li
 
     async def me(request: Request) -> Response:
         caller = principal.current()
-        user = await service.user(caller, caller.user_id)
+        user = await service.user(caller, await owner(request))
+        if user.id != caller.user_id:
+            # An admin looking at another account: the credential fields describe the
+            # admin's own credential, not that account's, so they are left out.
+            return json_response(200, user)
         return json_response(
             200,
             {
@@ -108,13 +132,13 @@ def routes(guard: HttpGuard, service: AccountService, ip_access: IpAccess) -> li
         )
 
     async def export(request: Request) -> Response:
-        caller = principal.current()
-        data: dict[str, Any] = await service.export(caller)
+        account = await owner(request)
+        data: dict[str, Any] = await service.export(principal.current(), account)
         data["ip_access"] = {
-            "config": await ip_access.config(caller.user_id),
-            "allowlist": await ip_access.entries(caller.user_id, "allow"),
-            "denylist": await ip_access.entries(caller.user_id, "deny"),
-            "log": await ip_access.log(caller.user_id, limit=1000),
+            "config": await ip_access.config(account),
+            "allowlist": await ip_access.entries(account, "allow"),
+            "denylist": await ip_access.entries(account, "deny"),
+            "log": await ip_access.log(account, limit=1000),
         }
         return json_response(200, data)
 
@@ -167,14 +191,17 @@ def routes(guard: HttpGuard, service: AccountService, ip_access: IpAccess) -> li
 
         base = f"/api/v1/ip-access/{which}list"
         return [
-            guard.route(base, entries, methods=["GET"], requirement=SESSION),
-            guard.route(base, add, methods=["POST"], requirement=SESSION),
-            guard.route(f"{base}/{{entry_id}}", remove, methods=["DELETE"], requirement=SESSION),
+            signed_in(base, entries, "GET", params=FOR_ACCOUNT),
+            signed_in(base, add, "POST", params=FOR_ACCOUNT),
+            signed_in(f"{base}/{{entry_id}}", remove, "DELETE"),
         ]
 
     async def check(request: Request) -> Response:
         wanted = await body(request, CheckBody)
-        address = addresses.parse_address(wanted.ip_address, field="ip_address")
+        text, field = aliased(wanted.ip_address, "ip_address", wanted.ip, "ip")
+        if text is None:
+            raise InvalidArgument("send the address to check", field="ip_address")
+        address = addresses.parse_address(text, field=field)
         return json_response(200, await ip_access.check(await owner(request), address))
 
     async def access_log(request: Request) -> Response:
@@ -182,28 +209,23 @@ def routes(guard: HttpGuard, service: AccountService, ip_access: IpAccess) -> li
         found = await ip_access.log(await owner(request), limit=limit)
         return json_response(200, {"entries": found})
 
-    def public(path: str, endpoint: Any) -> Route:
-        return guard.route(path, endpoint, methods=["POST"], requirement=CREDENTIALS)
-
-    def signed_in(path: str, endpoint: Any, method: str, rule: Requirement = SESSION) -> Route:
-        return guard.route(path, endpoint, methods=[method], requirement=rule)
-
     return [
         public("/api/v1/auth/register", register),
         public("/api/v1/auth/login", login),
         public("/api/v1/auth/refresh", refresh),
         public("/api/v1/auth/logout", logout),
+        # A key is minted by its own account only: no `user_id` here.
         signed_in("/api/v1/auth/apikey", create_key, "POST"),
-        signed_in("/api/v1/auth/apikeys", list_keys, "GET"),
+        signed_in("/api/v1/auth/apikeys", list_keys, "GET", params=FOR_ACCOUNT),
         signed_in("/api/v1/auth/apikeys/{key_id}", revoke_key, "DELETE"),
-        signed_in("/api/v1/user/me", me, "GET", Requirement()),
-        signed_in("/api/v1/user/export", export, "GET"),
-        signed_in("/api/v1/admin/users", list_users, "GET", ADMIN),
+        signed_in("/api/v1/user/me", me, "GET", Requirement(), params=FOR_ACCOUNT),
+        signed_in("/api/v1/user/export", export, "GET", params=FOR_ACCOUNT),
+        signed_in("/api/v1/admin/users", list_users, "GET", ADMIN, params=("limit", "offset")),
         signed_in("/api/v1/admin/users/{user_id}", get_user, "GET", ADMIN),
         signed_in("/api/v1/admin/users/{user_id}", update_user, "PATCH", ADMIN),
-        signed_in("/api/v1/ip-access/config", get_config, "GET"),
-        signed_in("/api/v1/ip-access/config", put_config, "PUT"),
+        signed_in("/api/v1/ip-access/config", get_config, "GET", params=FOR_ACCOUNT),
+        signed_in("/api/v1/ip-access/config", put_config, "PUT", params=FOR_ACCOUNT),
         *(route for which in LISTS for route in list_routes(which)),
-        signed_in("/api/v1/ip-access/check", check, "POST"),
-        signed_in("/api/v1/ip-access/log", access_log, "GET"),
+        signed_in("/api/v1/ip-access/check", check, "POST", params=FOR_ACCOUNT),
+        signed_in("/api/v1/ip-access/log", access_log, "GET", params=(*FOR_ACCOUNT, "limit")),
     ]

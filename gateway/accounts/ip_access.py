@@ -46,8 +46,11 @@ class ConfigChange(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
 class NewEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     ip_address: str | None = None
+    """One address, e.g. 192.0.2.7; `ip` is accepted for it."""
     ip_range: str | None = None
-    """A CIDR; wins over `ip_address` when both are sent."""
+    """A CIDR, e.g. 10.0.0.0/8; `cidr` is accepted for it. Wins over `ip_address`."""
+    ip: str | None = None
+    cidr: str | None = None
     description: str = ""
     reason: str = ""
     """The denylist's word for `description`; either is accepted."""
@@ -69,6 +72,18 @@ class LogEntry(msgspec.Struct, frozen=True, kw_only=True):
     reason: str
     endpoint: str
     at_ms: int
+
+
+def aliased(
+    value: str | None, name: str, alias_value: str | None, alias: str
+) -> tuple[str | None, str]:
+    """A body field sent under its name or its alias (not both), and the name it came as,
+    so an error names what the caller wrote."""
+    if value is not None and alias_value is not None:
+        raise InvalidArgument(f"send {name} or {alias}, not both", field=alias)
+    if alias_value is not None:
+        return alias_value, alias
+    return value, name
 
 
 def _entry(row: IpRuleRow) -> Entry:
@@ -144,12 +159,14 @@ class IpAccess:
 
     async def add(self, caller: Principal, owner: str, which: str, new: NewEntry) -> Entry:
         assert which in LISTS
-        if new.ip_range:
-            cidr = addresses.parse_network(new.ip_range, field="ip_range")
-        elif new.ip_address:
-            cidr = addresses.parse_network(new.ip_address, field="ip_address")
+        network, network_field = aliased(new.ip_range, "ip_range", new.cidr, "cidr")
+        single, single_field = aliased(new.ip_address, "ip_address", new.ip, "ip")
+        if network:
+            cidr = addresses.parse_network(network, field=network_field)
+        elif single:
+            cidr = addresses.parse_network(single, field=single_field)
             if cidr.num_addresses != 1:
-                raise InvalidArgument("must be a single address; use ip_range", field="ip_address")
+                raise InvalidArgument("must be a single address; use ip_range", field=single_field)
         else:
             raise InvalidArgument("send ip_address or ip_range", field="ip_address")
         note = (new.description or new.reason).strip()

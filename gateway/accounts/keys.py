@@ -15,7 +15,6 @@ from schemas.access import Scope
 from schemas.errors import InvalidArgument, NotFound
 
 MAX_KEYS_PER_USER = 100
-DEFAULT_KEY_RATE_LIMIT = 100
 
 
 class KeyInfo(msgspec.Struct, frozen=True, kw_only=True):

@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from bus.events import EventPublisher
-from gateway.accounts.keys import DEFAULT_KEY_RATE_LIMIT, ApiKeys, KeyInfo, NewKey
+from gateway.accounts.keys import ApiKeys, KeyInfo, NewKey
 from gateway.accounts.projection import Projection
 from gateway.accounts.store import Accounts, Session, SessionReused, UserInfo
 from gateway.auth.principal import Principal
@@ -34,6 +34,8 @@ from schemas.events import (
 )
 
 MAX_RATE_LIMIT = 1_000_000
+EVERY_ACCOUNT = "all"
+"""What an admin's `user_id` says to list every account's instances or reservations."""
 MAX_KEY_LIFETIME_DAYS = 3650
 _NAME = re.compile(r"[^\x00-\x1f\x7f]{1,100}")
 
@@ -193,10 +195,12 @@ class AccountService:
         return made
 
     @staticmethod
-    def _key_limit(wanted: int | None, owner: UserInfo) -> int:
+    def _key_limit(wanted: int | None, owner: UserInfo) -> int | None:
         account = owner.rate_limit_per_minute
         if wanted is None:
-            return DEFAULT_KEY_RATE_LIMIT if account == 0 else min(account, DEFAULT_KEY_RATE_LIMIT)
+            # No limit of its own: the key follows its account's, now and after an admin
+            # changes it (none for an account without one, such as the first admin).
+            return None
         if wanted < 0 or wanted > MAX_RATE_LIMIT:
             raise InvalidArgument(
                 f"must be between 0 and {MAX_RATE_LIMIT}", field="rate_limit_per_minute"
@@ -208,8 +212,8 @@ class AccountService:
             )
         return wanted
 
-    async def keys_of(self, caller: Principal, user_id: str | None = None) -> list[KeyInfo]:
-        owner = user_id or caller.user_id
+    async def keys_of(self, caller: Principal, owner: str) -> list[KeyInfo]:
+        """The keys of `owner`, an account `acting_for` resolved."""
         caller.check_owner(owner, what="account's key list")
         return await self._keys.of_user(owner)
 
@@ -224,6 +228,26 @@ class AccountService:
             ApiKeyRevoked(**fact(), actor=caller.user_id, user_id=found.user_id, key_id=key_id)
         )
         return revoked
+
+    # --- whose things a call is about ------------------------------------------------------
+
+    async def acting_for(
+        self, caller: Principal, user_id: str, *, every_account: bool = False
+    ) -> str:
+        """The account a call about "your" things acts on; the one rule of `user_id`.
+
+        Empty or the caller's own id: the caller. Another id: only an admin (403 for anyone
+        else, whether or not it exists, so ids cannot be probed), and only an account that
+        exists (404). `every_account` lets an admin's list say `all`: "" is returned.
+        """
+        if not user_id or user_id == caller.user_id:
+            return caller.user_id
+        if not caller.is_admin:
+            raise PermissionDenied("only an admin may act on another account", field="user_id")
+        if every_account and user_id == EVERY_ACCOUNT:
+            return ""
+        await self._accounts.user(user_id)  # NotFound naming user_id
+        return user_id
 
     # --- users (admin) ----------------------------------------------------------------------
 
@@ -284,9 +308,11 @@ class AccountService:
 
     # --- the caller's own data --------------------------------------------------------------
 
-    async def export(self, caller: Principal) -> dict[str, Any]:
+    async def export(self, caller: Principal, owner: str) -> dict[str, Any]:
+        """Everything stored about `owner`, an account `acting_for` resolved."""
+        caller.check_owner(owner, what="account's data")
         return {
-            "user": await self._accounts.user(caller.user_id),
-            "api_keys": await self._keys.of_user(caller.user_id),
-            "sessions": await self._accounts.sessions_of(caller.user_id),
+            "user": await self._accounts.user(owner),
+            "api_keys": await self._keys.of_user(owner),
+            "sessions": await self._accounts.sessions_of(owner),
         }

@@ -5,6 +5,14 @@ entry point requires, and answers with the caller or one precise refusal:
 UNAUTHENTICATED (no credential, or one that does not check out) or PERMISSION_DENIED (a
 good credential that may not do this, or may not from this address), RESOURCE_EXHAUSTED
 over the rate limit. Everything is decided from memory (`AccessView`); nothing here runs SQL.
+
+Guessing costs the guesser: every credential presented that does not check out (a bad or
+expired JWT, an ended session; an unknown, malformed, revoked or expired API key, or one
+with the wrong secret; a disabled or deleted account) is counted against the client's
+address, per minute, across replicas (`GPUPROXY_AUTH_ATTEMPTS_PER_MINUTE`). Past the limit
+the address is refused with 429 and `Retry-After` before its credential is looked at,
+whatever it presents, until the minute is over. A request that carries no credential at
+all is not a guess and is not counted.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from gateway.auth import addresses, apikeys
 from gateway.auth.addresses import Address, Network
 from gateway.auth.policy import Requirement
 from gateway.auth.principal import Principal, Via
-from gateway.auth.ratelimit import Quota, RateLimiter
+from gateway.auth.ratelimit import Quota, RateLimited, RateLimiter
 from gateway.auth.tokens import Claims, TokenAuthority
 from gateway.auth.view import AccessView
 from schemas.access import SCOPES_BY_ROLE, IpMode, KeyAccess, Scope, UserAccess
@@ -95,22 +103,41 @@ class Gatekeeper:
     def address_of(self, presented: Presented) -> Address:
         return addresses.client_address(presented.peer_host, presented.forwarded_for, self._trusted)
 
+    @staticmethod
+    def _counter(kind: str, address: Address) -> str:
+        # KV keys allow no ':'; the address stays recognisable in the counter's name.
+        return f"{kind}.{str(address).replace(':', '-')}"
+
     async def admit(
         self, presented: Presented, requirement: Requirement, endpoint: str
     ) -> Admission:
         if requirement.public:
             if requirement.per_address and self._attempts:
-                # KV keys allow no ':'; the address stays recognisable in the counter's name.
-                where = str(self.address_of(presented)).replace(":", "-")
                 quota = await self._limiter.take(
-                    f"address.{where}", self._attempts, what="signing in from this address"
+                    self._counter("address", self.address_of(presented)),
+                    self._attempts,
+                    what="signing in from this address",
                 )
                 return Admission(principal=None, quota=quota)
             return PUBLIC_ADMISSION
         now = time.time()
-        principal, user, key = await self._identify(presented, requirement, now)
+        address = self.address_of(presented)
+        failures = self._counter("failed", address) if self._attempts else ""
+        if failures and (reset := self._limiter.spent(failures, self._attempts)) is not None:
+            raise self._too_many_failures(reset)
+        key_text, token = _credential(presented, requirement)
+        try:
+            if key_text is not None:
+                principal, user, key = await self._by_key(key_text, now)
+            else:
+                assert token is not None
+                principal, user, key = await self._by_token(token, now)
+        except Unauthenticated:
+            if failures:
+                await self._count_failure(failures)
+            raise
         if user.ip_mode is not IpMode.DISABLED or user.ip_audit:
-            self._check_address(principal, user, self.address_of(presented), endpoint, now)
+            self._check_address(principal, user, address, endpoint, now)
         if requirement.sessions_only and principal.via is Via.API_KEY:
             raise PermissionDenied("this call needs a signed-in session; API keys cannot make it")
         if requirement.scope is not None and requirement.scope not in principal.scopes:
@@ -122,14 +149,19 @@ class Gatekeeper:
             self._usage.key_used(principal.key_id, int(now * 1000))
         return Admission(principal=principal, quota=counted)
 
-    async def _identify(
-        self, presented: Presented, requirement: Requirement, now: float
-    ) -> tuple[Principal, UserAccess, KeyAccess | None]:
-        key, token = _credential(presented, requirement)
-        if key is not None:
-            return await self._by_key(key, now)
-        assert token is not None
-        return await self._by_token(token, now)
+    async def _count_failure(self, counter: str) -> None:
+        try:
+            await self._limiter.take(counter, self._attempts, what="failed credentials")
+        except RateLimited as exc:
+            raise self._too_many_failures(exc.reset) from None
+
+    def _too_many_failures(self, reset: int) -> RateLimited:
+        return RateLimited(
+            f"too many credentials that did not check out came from this address "
+            f"({self._attempts} a minute); try again in {reset} s",
+            limit=self._attempts,
+            reset=reset,
+        )
 
     async def _by_token(
         self, token: str, now: float

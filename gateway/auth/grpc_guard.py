@@ -19,6 +19,7 @@ from gateway.auth.gatekeeper import Gatekeeper, Presented
 from gateway.auth.policy import Requirement
 from gateway.auth.principal import Principal
 from gateway.errors import grpc_status
+from gateway.grpc_handlers import rebuilt
 from schemas.errors import GpuproxyError, PermissionDenied
 
 if TYPE_CHECKING:
@@ -102,25 +103,6 @@ def _wrap(door: _Door, behaviour: Callable[..., Any], client_streams: bool) -> C
     return coroutine
 
 
-def _rebuilt(
-    handler: Handler, wrap: Callable[[Callable[..., Any], bool], Callable[..., Any]]
-) -> Handler:
-    """The same method handler with its behaviour wrapped; `wrap` learns whether the
-    client streams (then the request argument is an iterator, not a message)."""
-    codec = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary, False), **codec)
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream, False), **codec)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary, True), **codec)
-    assert handler.stream_stream is not None
-    return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream, True), **codec)
-
-
 def _refusal(method: str) -> Callable[..., Any]:
     async def refuse(request: Any, context: Context) -> None:
         code, message = grpc_status(PermissionDenied(f"no access rule covers {method}"))
@@ -150,12 +132,12 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         requirement = self._policy.get(method)
         if requirement is None:
             refuse = _refusal(method)
-            wrapped = _rebuilt(handler, lambda behaviour, client_streams: refuse)
+            wrapped = rebuilt(handler, lambda behaviour, client_streams: refuse)
         elif requirement.public and not requirement.per_address:
             wrapped = handler
         else:
             door = _Door(self._gatekeeper, requirement, method)
-            wrapped = _rebuilt(
+            wrapped = rebuilt(
                 handler, lambda behaviour, client_streams: _wrap(door, behaviour, client_streams)
             )
         self._wrapped[method] = wrapped

@@ -95,6 +95,18 @@ class RateLimiter:
         remaining = max(0, limit - window.taken) + (window.granted - window.used)
         return Quota(limit=limit, remaining=remaining, reset=reset)
 
+    def spent(self, name: str, limit: int) -> int | None:
+        """Seconds until `name`'s window starts over when this gateway already knows that
+        window is used up, across every replica; None otherwise. Memory only: no KV read."""
+        now = time.time()
+        index = int(now // WINDOW_SECONDS)
+        window = self._windows.get(name)
+        if window is None or window.index != index:
+            return None
+        if window.used < window.granted or window.taken < limit:
+            return None
+        return max(1, math.ceil((index + 1) * WINDOW_SECONDS - now))
+
     def _fresh(self, name: str, index: int) -> _Window:
         if len(self._windows) > 50_000:
             self._windows = {k: w for k, w in self._windows.items() if w.index >= index}

@@ -3,6 +3,9 @@
 A watcher keeps it current from the KV buckets; a request is checked against memory. A key
 the copy has not seen yet (made a moment ago through another replica) is read from the
 bucket once, so the race between a write and its arrival here never refuses a fresh key.
+A key the bucket does not hold either is remembered as absent for a few seconds (`Absent`),
+so the same unknown key presented again costs no read; the watcher delivering the key
+ends that memory at once.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections import OrderedDict
 from typing import Any
 
 import msgspec
@@ -34,6 +39,41 @@ log = logging.getLogger("gpuproxy.gateway.access")
 
 Record = UserAccess | KeyAccess | EndedSession
 
+ABSENT_SECONDS = 10.0
+ABSENT_ENTRIES = 10_000
+
+
+class Absent:
+    """Keys recently read from a bucket and not found there: bounded in time and in number,
+    the least recently asked dropped first, so a flood of random keys cannot grow memory."""
+
+    def __init__(self, *, seconds: float = ABSENT_SECONDS, entries: int = ABSENT_ENTRIES) -> None:
+        self._seconds = seconds
+        self._entries = entries
+        self._until: OrderedDict[str, float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    def __contains__(self, key: str) -> bool:
+        until = self._until.get(key)
+        if until is None:
+            return False
+        if until <= time.monotonic():
+            del self._until[key]
+            return False
+        self._until.move_to_end(key)
+        return True
+
+    def add(self, key: str) -> None:
+        self._until[key] = time.monotonic() + self._seconds
+        self._until.move_to_end(key)
+        while len(self._until) > self._entries:
+            self._until.popitem(last=False)
+
+    def discard(self, key: str) -> None:
+        self._until.pop(key, None)
+
 
 def _decode(key: str, raw: bytes) -> Record:
     """A bucket value as its record type, told by the key's prefix."""
@@ -51,6 +91,7 @@ class _Mirror:
         self._kv = kv
         self._name = name
         self.values: dict[str, Record] = {}
+        self.absent = Absent()
         self._task: asyncio.Task[None] | None = None
         self._watcher: Any = None
 
@@ -67,6 +108,7 @@ class _Mirror:
         if raw is None:
             self.values.pop(key, None)
         else:
+            self.absent.discard(key)
             self._keep(key, raw)
 
     def _keep(self, key: str, raw: bytes) -> Record | None:
@@ -82,12 +124,17 @@ class _Mirror:
 
     async def read_through(self, key: str) -> Record | None:
         """The bucket's record for a key this copy lacks, or None when there is none."""
+        if key in self.absent:
+            return None
         try:
             entry = await self._kv.get(key)
         except KeyNotFoundError:
-            return None
-        if entry.value is None:
-            return None
+            entry = None
+        if entry is None or entry.value is None:
+            delivered = self.values.get(key)  # by the watcher, while we read
+            if delivered is None:
+                self.absent.add(key)
+            return delivered
         if key in self.values:  # the watcher delivered it meanwhile
             return self.values[key]
         return self._keep(key, entry.value)

@@ -2,7 +2,9 @@
 
 `GET /api/v1/gpu/instances` lists *offers* (the original API's meaning): each `id` is what
 `POST /api/v1/gpu/instances/{provider}/{id}` rents. The caller's rented instances are at
-`GET /api/v1/gpu/instances/mine`.
+`GET /api/v1/gpu/instances/mine`. Every route names the query parameters it takes; any other
+is refused. `?user_id=` follows the accounts' one rule (`AccountService.acting_for`), and a
+list of an admin may say `all`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway.accounts.service import AccountService
 from gateway.auth import principal
 from gateway.auth.http_guard import HttpGuard
 from gateway.auth.policy import GPUS
@@ -23,12 +26,25 @@ from gateway.gpus.requests import FilterBody
 from gateway.gpus.service import GpuService
 from gateway.gpus.views import instance_json, offer_json, reservation_json
 from gateway.http_io import body, json_response
+from gateway.http_query import Endpoint, only
 from schemas import catalogue
 from schemas.errors import InvalidArgument
 from schemas.gpus import OfferQuery
 from schemas.replies import BatchCreated, ReservationView
 
 IDEMPOTENCY_KEY = "Idempotency-Key"
+OFFER_FILTERS = (
+    "provider",
+    "min_vram",
+    "max_price",
+    "max_price_micros",
+    "gpu_model",
+    "location",
+    "vendor",
+    "tier",
+    "limit",
+)
+LIST_FILTERS = ("include_ended", "user_id")
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -87,7 +103,7 @@ def _query_of(request: Request) -> OfferQuery:
     params = request.query_params
     price = 0
     if params.get("max_price"):
-        price = requests.price_micros(params["max_price"], field="max_price")
+        price = requests.max_price_micros(params["max_price"], field="max_price")
     if params.get("max_price_micros"):
         raw = params["max_price_micros"]
         if not raw.isdigit():
@@ -112,7 +128,20 @@ def _reservation_answer(view: ReservationView) -> dict[str, Any]:
     return reservation_json(view.reservation, view.instances)
 
 
-def routes(guard: HttpGuard, gpus: GpuService, preferences: PreferenceStore) -> list[Route]:
+def routes(
+    guard: HttpGuard, gpus: GpuService, preferences: PreferenceStore, accounts: AccountService
+) -> list[Route]:
+    async def owner(request: Request) -> str:
+        return await accounts.acting_for(
+            principal.current(), request.query_params.get("user_id", ""), every_account=True
+        )
+
+    async def own_account(request: Request) -> str:
+        """Preferences belong to one account: `all` means nothing there."""
+        return await accounts.acting_for(
+            principal.current(), request.query_params.get("user_id", "")
+        )
+
     async def offers(request: Request) -> Response:
         found = await gpus.search(principal.current(), _query_of(request))
         return json_response(
@@ -170,9 +199,7 @@ def routes(guard: HttpGuard, gpus: GpuService, preferences: PreferenceStore) -> 
 
     async def mine(request: Request) -> Response:
         listed = await gpus.instances(
-            principal.current(),
-            request.query_params.get("user_id", ""),
-            include_ended=_flag(request, "include_ended"),
+            principal.current(), await owner(request), include_ended=_flag(request, "include_ended")
         )
         return json_response(
             200,
@@ -237,16 +264,14 @@ def routes(guard: HttpGuard, gpus: GpuService, preferences: PreferenceStore) -> 
         )
 
     async def reservations(request: Request) -> Response:
-        listed = await gpus.reservations(
-            principal.current(),
-            request.query_params.get("user_id", ""),
-            include_ended=_flag(request, "include_ended"),
+        views = await gpus.reservations(
+            principal.current(), await owner(request), include_ended=_flag(request, "include_ended")
         )
         return json_response(
             200,
             {
-                "reservations": [reservation_json(r, []) for r in listed.reservations],
-                "total_count": len(listed.reservations),
+                "reservations": [_reservation_answer(v) for v in views],
+                "total_count": len(views),
             },
         )
 
@@ -303,38 +328,34 @@ def routes(guard: HttpGuard, gpus: GpuService, preferences: PreferenceStore) -> 
         )
 
     async def get_preferences(request: Request) -> Response:
-        found = await preferences.of(principal.current().user_id)
+        found = await preferences.of(await own_account(request))
         return json_response(200, {"preferences": msgspec.to_builtins(found)})
 
     async def set_preferences(request: Request) -> Response:
         wanted = (await body(request, PreferencesBody)).preferences()
-        stored = await preferences.put(principal.current().user_id, wanted)
+        stored = await preferences.put(await own_account(request), wanted)
         return json_response(200, {"preferences": msgspec.to_builtins(stored)})
 
-    base = "/api/v1/gpu"
+    def route(path: str, endpoint: Endpoint, method: str, params: tuple[str, ...] = ()) -> Route:
+        return guard.route(
+            f"/api/v1/gpu{path}", only(endpoint, params), methods=[method], requirement=GPUS
+        )
+
     return [
-        guard.route(f"{base}/instances", offers, methods=["GET"], requirement=GPUS),
-        guard.route(f"{base}/instances/mine", mine, methods=["GET"], requirement=GPUS),
-        guard.route(f"{base}/instances/batch", batch, methods=["POST"], requirement=GPUS),
-        guard.route(f"{base}/instances/reserve", reserve, methods=["POST"], requirement=GPUS),
-        guard.route(
-            f"{base}/instances/{{provider}}/{{id}}", one, methods=["GET"], requirement=GPUS
-        ),
-        guard.route(
-            f"{base}/instances/{{provider}}/{{id}}", create, methods=["POST"], requirement=GPUS
-        ),
-        guard.route(
-            f"{base}/instances/{{provider}}/{{id}}", destroy, methods=["DELETE"], requirement=GPUS
-        ),
-        guard.route(f"{base}/reservations", reservations, methods=["GET"], requirement=GPUS),
-        guard.route(f"{base}/reservations/{{id}}", reservation, methods=["GET"], requirement=GPUS),
-        guard.route(f"{base}/reservations/{{id}}/renew", renew, methods=["POST"], requirement=GPUS),
-        guard.route(
-            f"{base}/reservations/{{id}}/release", release, methods=["POST"], requirement=GPUS
-        ),
-        guard.route(f"{base}/classify", classify, methods=["GET"], requirement=GPUS),
-        guard.route(f"{base}/groups", groups, methods=["GET"], requirement=GPUS),
-        guard.route(f"{base}/available", available, methods=["GET"], requirement=GPUS),
-        guard.route(f"{base}/preferences", get_preferences, methods=["GET"], requirement=GPUS),
-        guard.route(f"{base}/preferences", set_preferences, methods=["POST"], requirement=GPUS),
+        route("/instances", offers, "GET", OFFER_FILTERS),
+        route("/instances/mine", mine, "GET", LIST_FILTERS),
+        route("/instances/batch", batch, "POST"),
+        route("/instances/reserve", reserve, "POST"),
+        route("/instances/{provider}/{id}", one, "GET"),
+        route("/instances/{provider}/{id}", create, "POST"),
+        route("/instances/{provider}/{id}", destroy, "DELETE"),
+        route("/reservations", reservations, "GET", LIST_FILTERS),
+        route("/reservations/{id}", reservation, "GET"),
+        route("/reservations/{id}/renew", renew, "POST"),
+        route("/reservations/{id}/release", release, "POST"),
+        route("/classify", classify, "GET", ("name",)),
+        route("/groups", groups, "GET"),
+        route("/available", available, "GET", ("vendor", "tier")),
+        route("/preferences", get_preferences, "GET", ("user_id",)),
+        route("/preferences", set_preferences, "POST", ("user_id",)),
     ]

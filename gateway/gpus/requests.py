@@ -3,7 +3,9 @@
 Both front doors parse through here, so a filter means the same on gRPC and HTTP and a bad
 value gets the same message naming the same field. Prices arrive as decimal text (HTTP),
 doubles (gRPC, compatibility) or integer micros; they become integer micros here and are
-never computed with as floats.
+never computed with as floats. A price here is a filter's bound, not an amount charged or
+paid: a maximum with more than six decimals is rounded down to a micro-unit (a client that
+computes `0.1 * 3` sends 0.30000000000000004), never refused.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 
 import msgspec
 
@@ -35,6 +37,7 @@ from schemas.gpus import (
 )
 
 MICROS = Decimal(1_000_000)
+ONE_MICRO = Decimal("0.000001")
 MAX_PRICE_MICROS = 1_000_000 * 1_000_000
 """A million units an hour: anything above is a typo, not a filter."""
 MAX_VRAM_GB = 100_000
@@ -61,8 +64,13 @@ def providers(value: str, *, field: str = "provider") -> tuple[ProviderName, ...
     return tuple(dict.fromkeys(provider(part, field=field) for part in value.split(",")))
 
 
-def price_micros(value: str | float | int | Decimal, *, field: str) -> int:
-    """A price in units (decimal text or a number) as integer micro-units."""
+def max_price_micros(value: str | float | int | Decimal, *, field: str) -> int:
+    """A maximum price in units (decimal text or a number) as integer micro-units, rounded
+    down: an offer at the rounded bound is within what the caller asked for.
+
+    A double goes through its shortest text (`str`, as `repr`), so 0.3 is 0.3 and not the
+    binary 0.29999999999999998889... that `Decimal(0.3)` would round down to 0.299999.
+    """
     if isinstance(value, float) and not math.isfinite(value):
         raise InvalidArgument("must be a finite number", field=field)
     try:
@@ -73,10 +81,13 @@ def price_micros(value: str | float | int | Decimal, *, field: str) -> int:
         raise InvalidArgument("must be a finite number", field=field)
     if amount < 0:
         raise InvalidArgument("must not be negative", field=field)
-    micros = amount * MICROS
-    if micros != micros.to_integral_value():
-        raise InvalidArgument("has more than 6 decimal places", field=field)
-    return checked_micros(int(micros), field=field)
+    if amount > MAX_PRICE_MICROS / MICROS:
+        raise InvalidArgument(f"must be at most {MAX_PRICE_MICROS} micros", field=field)
+    micros = int(amount.quantize(ONE_MICRO, rounding=ROUND_FLOOR) * MICROS)
+    if micros == 0 and amount > 0:
+        # 0 means "no maximum": a bound below one micro must not silently lift the filter.
+        raise InvalidArgument("must be 0 (no maximum) or at least 0.000001", field=field)
+    return micros
 
 
 def checked_micros(value: int, *, field: str) -> int:
@@ -244,7 +255,7 @@ class FilterBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     def checked(self, prefix: str) -> OfferQuery:
         price = self.max_price_micros
         if self.max_price is not None:
-            price = price_micros(self.max_price, field=f"{prefix}max_price")
+            price = max_price_micros(self.max_price, field=f"{prefix}max_price")
         return query(
             provider_text=self.provider,
             min_vram=self.min_vram,

@@ -1,6 +1,7 @@
 """GPU calls as both front doors make them: commands to the provisioner, on the caller's
 behalf. The provisioner checks ownership against `actor`; the gateway only says whether the
-actor is an admin (who may see and act on every account's instances)."""
+actor is an admin (who may see and act on every account's instances). Whose things a list
+shows is resolved before it gets here (`AccountService.acting_for`)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ from schemas.commands import (
     Reserve,
     SearchOffers,
 )
-from schemas.errors import Internal, PermissionDenied
-from schemas.gpus import LaunchSpec, OfferQuery, ProviderName
+from schemas.errors import Internal
+from schemas.gpus import Instance, LaunchSpec, OfferQuery, ProviderName
 from schemas.replies import (
     BatchCreated,
     GpuFound,
@@ -69,16 +70,6 @@ class GpuService:
             "actor": caller.user_id,
             "actor_admin": caller.is_admin,
         }
-
-    @staticmethod
-    def _owner(caller: Principal, user_id: str) -> str:
-        """Whose things to list: the caller's, another account's (admins), or every
-        account's (`all`, admins)."""
-        if not user_id or user_id == caller.user_id:
-            return caller.user_id
-        if not caller.is_admin:
-            raise PermissionDenied("only an admin may list another account's", field="user_id")
-        return "" if user_id == "all" else user_id
 
     async def search(self, caller: Principal, query: OfferQuery) -> OfferList:
         return await self._call(SearchOffers(**self._who(caller, None, ""), query=query), OfferList)
@@ -134,12 +125,11 @@ class GpuService:
         return await self._call(command, InstanceView)
 
     async def instances(
-        self, caller: Principal, user_id: str, *, include_ended: bool
+        self, caller: Principal, owner: str, *, include_ended: bool
     ) -> InstanceList:
+        """The instances of `owner` ("" for every account's, admins only)."""
         command = ListInstances(
-            **self._who(caller, None, ""),
-            owner=self._owner(caller, user_id),
-            include_ended=include_ended,
+            **self._who(caller, None, ""), owner=owner, include_ended=include_ended
         )
         return await self._call(command, InstanceList)
 
@@ -176,14 +166,27 @@ class GpuService:
         return await self._call(command, ReservationView)
 
     async def reservations(
-        self, caller: Principal, user_id: str, *, include_ended: bool
-    ) -> ReservationList:
+        self, caller: Principal, owner: str, *, include_ended: bool
+    ) -> list[ReservationView]:
+        """The reservations of `owner` ("" for every account's, admins only), each with its
+        instances as the single reservation's answer carries them."""
         command = ListReservations(
-            **self._who(caller, None, ""),
-            owner=self._owner(caller, user_id),
-            include_ended=include_ended,
+            **self._who(caller, None, ""), owner=owner, include_ended=include_ended
         )
-        return await self._call(command, ReservationList)
+        listed = await self._call(command, ReservationList)
+        if not any(r.instance_ids for r in listed.reservations):
+            return [ReservationView(reservation=r) for r in listed.reservations]
+        # Asked after the reservations, so every instance they name is already recorded;
+        # ended ones too, since a reservation shows its failed or terminated instances.
+        found = await self.instances(caller, owner, include_ended=True)
+        by_id: dict[str, Instance] = {i.id: i for i in found.instances}
+        return [
+            ReservationView(
+                reservation=r,
+                instances=[by_id[i] for i in r.instance_ids if i in by_id],
+            )
+            for r in listed.reservations
+        ]
 
     async def renew(
         self, caller: Principal, reservation_id: str, lease_seconds: int

@@ -113,8 +113,8 @@ class CreateAPIKeyRequest(_message.Message):
     expires_in_days: _builtins.int
     """Days until the key expires; 0 means never."""
     rate_limit_per_minute: _builtins.int
-    """The key's own limit in requests per minute, within the account's; unset means 100
-    (or the account's limit when that is lower).
+    """The key's own limit in requests per minute, within the account's; unset means none of
+    its own: the key follows its account's limit (none for an account without one).
     """
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -164,6 +164,7 @@ class CreateAPIKeyResponse(_message.Message):
     expires_at: _builtins.int
     """Unix seconds; 0 means never."""
     rate_limit_per_minute: _builtins.int
+    """The key's own limit; 0 means none of its own (it follows its account's)."""
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(

@@ -17,7 +17,6 @@ from gpuproxy.natsd import NatsServer
 from schemas import subjects, topology
 from schemas.commands import Ping
 from schemas.errors import (
-    Cancelled,
     DeadlineExceeded,
     ErrorCode,
     Internal,
@@ -237,24 +236,80 @@ async def test_a_caller_that_goes_away_cancels_the_running_command(
         await call
 
 
-async def test_a_cancelled_command_is_answered_as_cancelled_to_a_repeat(
+async def test_a_retry_after_the_caller_left_runs_the_stopped_command_again(
     nats_url: str, nc: Client
 ) -> None:
-    started = asyncio.Event()
+    runs: list[int] = []
+    first_run_started = asyncio.Event()
 
-    async def endless(command: Ping, ctx: Context) -> Pong:
-        started.set()
-        await asyncio.sleep(30)
-        raise AssertionError("not reached")
+    async def slow_then_quick(command: Ping, ctx: Context) -> Pong:
+        runs.append(ctx.attempt)
+        if len(runs) == 1:
+            first_run_started.set()
+            await asyncio.sleep(30)
+        return await answer_ping(command, ctx)
 
-    command = ping()
-    async with running_worker(nats_url, {Ping: endless}), running_caller(nc) as caller:
+    command = ping("again")
+    async with running_worker(nats_url, {Ping: slow_then_quick}), running_caller(nc) as caller:
         call = asyncio.create_task(caller.call(WorkerKind.PROVISIONER, command, timeout=30))
-        await asyncio.wait_for(started.wait(), 5)
+        await asyncio.wait_for(first_run_started.wait(), 5)
         call.cancel()
         await asyncio.sleep(0.3)
-        with pytest.raises(Cancelled):
-            await caller.call(WorkerKind.PROVISIONER, command, timeout=5)
+        retry = await caller.call(WorkerKind.PROVISIONER, command, timeout=5)
+        again = await caller.call(WorkerKind.PROVISIONER, command, timeout=5)
+    assert isinstance(retry, Pong)
+    assert retry.message == "again"
+    assert again == retry
+    assert len(runs) == 2
+
+
+async def test_a_retry_attaches_to_the_command_still_running(nats_url: str, nc: Client) -> None:
+    runs = 0
+    release = asyncio.Event()
+
+    async def gated(command: Ping, ctx: Context) -> Pong:
+        nonlocal runs
+        runs += 1
+        await release.wait()
+        return await answer_ping(command, ctx)
+
+    command = ping("attached")
+    async with running_worker(nats_url, {Ping: gated}), running_caller(nc) as caller:
+        first = asyncio.create_task(caller.call(WorkerKind.PROVISIONER, command, timeout=10))
+        await asyncio.sleep(0.2)
+        retry = asyncio.create_task(caller.call(WorkerKind.PROVISIONER, command, timeout=10))
+        await asyncio.sleep(0.2)
+        release.set()
+        answers = await asyncio.gather(first, retry)
+    assert answers[0] == answers[1]
+    assert runs == 1
+
+
+async def test_a_retry_that_gives_up_never_cancels_the_original(nats_url: str, nc: Client) -> None:
+    runs = 0
+    stopped = asyncio.Event()
+
+    async def slow(command: Ping, ctx: Context) -> Pong:
+        nonlocal runs
+        runs += 1
+        try:
+            await asyncio.sleep(1.0)
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
+        return await answer_ping(command, ctx)
+
+    command = ping("original")
+    async with running_worker(nats_url, {Ping: slow}), running_caller(nc) as caller:
+        original = asyncio.create_task(caller.call(WorkerKind.PROVISIONER, command, timeout=10))
+        await asyncio.sleep(0.2)
+        with pytest.raises(DeadlineExceeded):
+            await caller.call(WorkerKind.PROVISIONER, command, timeout=0.3)
+        reply = await original
+    assert isinstance(reply, Pong)
+    assert reply.message == "original"
+    assert not stopped.is_set()
+    assert runs == 1
 
 
 async def test_replicas_on_one_durable_consumer_share_the_work(nats_url: str, nc: Client) -> None:

@@ -222,17 +222,19 @@ async def test_one_user_can_neither_see_nor_touch_anothers_keys_or_lists(
     entry = await ada.call("POST", "/api/v1/ip-access/allowlist", json={"ip_range": "10.0.0.0/8"})
     assert entry.status_code == 201, entry.text
 
+    # Naming another account is refused outright; another account's key or entry, named by
+    # its id, answers as if it did not exist.
     attempts = [
-        ("GET", f"/api/v1/auth/apikeys?user_id={ada.user_id}"),
-        ("DELETE", f"/api/v1/auth/apikeys/{key['id']}"),
-        ("GET", f"/api/v1/ip-access/config?user_id={ada.user_id}"),
-        ("GET", f"/api/v1/ip-access/allowlist?user_id={ada.user_id}"),
-        ("DELETE", f"/api/v1/ip-access/allowlist/{entry.json()['id']}"),
-        ("GET", f"/api/v1/ip-access/log?user_id={ada.user_id}"),
+        ("GET", f"/api/v1/auth/apikeys?user_id={ada.user_id}", 403),
+        ("DELETE", f"/api/v1/auth/apikeys/{key['id']}", 404),
+        ("GET", f"/api/v1/ip-access/config?user_id={ada.user_id}", 403),
+        ("GET", f"/api/v1/ip-access/allowlist?user_id={ada.user_id}", 403),
+        ("DELETE", f"/api/v1/ip-access/allowlist/{entry.json()['id']}", 404),
+        ("GET", f"/api/v1/ip-access/log?user_id={ada.user_id}", 403),
     ]
-    for method, path in attempts:
+    for method, path, status in attempts:
         answer = await bob.call(method, path)
-        assert answer.status_code == 404, (method, path, answer.text)
+        assert answer.status_code == status, (method, path, answer.text)
     assert (await bob.call("GET", f"/api/v1/admin/users/{ada.user_id}")).status_code == 403
 
     still = await ada.call("GET", "/api/v1/user/me", headers={"x-api-key": key["api_key"]})

@@ -75,6 +75,37 @@ async def test_offers_apply_every_filter_on_both_doors(
     assert {o["gpu_model"] for o in by_model.json()["instances"]} == {model}
 
 
+async def test_a_max_price_with_more_than_six_decimals_is_rounded_down_not_refused(
+    system: System, http: httpx.AsyncClient
+) -> None:
+    user = await User.signed_up(http, system)
+    computed = 0.1 * 3 + 2  # 2.3000000000000003, as a client's arithmetic makes it
+    async with grpc.aio.insecure_channel(system.grpc_target) as channel:
+        listed = await pb_grpc.GPUProxyServiceStub(channel).ListGPUInstances(
+            pb.ListGPUInstancesRequest(provider="sim", max_price=computed),
+            metadata=bearer(user),
+            timeout=30,
+        )
+    assert listed.instances
+    assert all(o.price_per_hour_micros <= 2_300_000 for o in listed.instances)
+
+    answer = await user.call(
+        "GET", "/api/v1/gpu/instances", params={"provider": "sim", "max_price": repr(computed)}
+    )
+    assert answer.status_code == 200, answer.text
+    assert [o["id"] for o in answer.json()["instances"]] == [o.id for o in listed.instances]
+    exact = await user.call(
+        "GET", "/api/v1/gpu/instances", params={"provider": "sim", "max_price": "2.3"}
+    )
+    assert [o["id"] for o in exact.json()["instances"]] == [o.id for o in listed.instances]
+
+    below_a_micro = await user.call(
+        "GET", "/api/v1/gpu/instances", params={"max_price": "0.0000001"}
+    )
+    assert below_a_micro.status_code == 400
+    assert below_a_micro.json()["error"]["field"] == "max_price"
+
+
 async def test_a_reservation_over_http_serves_openai_requests_and_is_released(
     system: System, http: httpx.AsyncClient
 ) -> None:
@@ -109,6 +140,17 @@ async def test_a_reservation_over_http_serves_openai_requests_and_is_released(
 
     listed = await user.call("GET", "/api/v1/gpu/reservations")
     assert [r["id"] for r in listed.json()["reservations"]] == [reservation["id"]]
+    # The list carries each reservation's instances as the single route does.
+    single = (await user.call("GET", f"/api/v1/gpu/reservations/{reservation['id']}")).json()
+    in_list = listed.json()["reservations"][0]
+    assert [i["id"] for i in in_list["instances"]] == in_list["instance_ids"]
+    assert in_list["instances"] == single["reservation"]["instances"]
+    async with grpc.aio.insecure_channel(system.grpc_target) as channel:
+        over_grpc = await pb_grpc.GPUProxyServiceStub(channel).ListReservations(
+            pb.ListReservationsRequest(), metadata=bearer(user), timeout=30
+        )
+    assert [i.id for i in over_grpc.reservations[0].instances] == in_list["instance_ids"]
+    assert {i.status for i in over_grpc.reservations[0].instances} == {"running"}
     renewed = await user.call(
         "POST", f"/api/v1/gpu/reservations/{reservation['id']}/renew", json={"lease_seconds": 900}
     )

@@ -74,10 +74,10 @@ async def test_health_check_reports_nats_jetstream_database_and_each_worker_kind
     for part in ("nats", "jetstream", "database"):
         assert answer.details[part] == "ok"
     for kind in WorkerKind:
-        assert answer.details[f"worker.{kind}"].startswith("ok (")
+        assert answer.details[f"worker.{kind}"] == "ok (1 replica)"
 
 
-async def test_health_check_says_degraded_and_names_the_silent_worker_kind(
+async def test_health_check_says_degraded_and_names_the_worker_kind_with_no_replica(
     nats_url: str, migrated_database: str
 ) -> None:
     async with (
@@ -86,8 +86,8 @@ async def test_health_check_says_degraded_and_names_the_silent_worker_kind(
     ):
         answer = await pb_grpc.GPUProxyServiceStub(channel).HealthCheck(pb.HealthCheckRequest())
     assert answer.status == "degraded"
-    assert answer.details["worker.proxy"].startswith("ok")
-    assert answer.details["worker.billing"].startswith("no answer")
+    assert answer.details["worker.proxy"] == "ok (1 replica)"
+    assert answer.details["worker.billing"] == "no replica seen"
 
 
 @pytest.mark.parametrize("kind", [k.value for k in WorkerKind])
@@ -104,9 +104,20 @@ async def test_same_idempotency_key_returns_the_first_answer(
 ) -> None:
     metadata = (("idempotency-key", "ping-0001"),)
     first = await stub.Ping(pb.PingRequest(message="one"), metadata=metadata, timeout=10)
-    again = await stub.Ping(pb.PingRequest(message="two"), metadata=metadata, timeout=10)
+    again = await stub.Ping(pb.PingRequest(message="one"), metadata=metadata, timeout=10)
     assert again == first
     assert again.message == "one"
+
+
+async def test_an_idempotency_key_reused_for_another_request_is_a_failed_precondition(
+    stub: pb_grpc.GPUProxyServiceStub,
+) -> None:
+    metadata = (("idempotency-key", "ping-0002"),)
+    await stub.Ping(pb.PingRequest(message="one"), metadata=metadata, timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.Ping(pb.PingRequest(message="two"), metadata=metadata, timeout=10)
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert (raised.value.details() or "").startswith("idempotency-key: ")
 
 
 @pytest.mark.parametrize(

@@ -76,7 +76,9 @@ def test_a_command_whose_worker_is_killed_is_redelivered_and_answered_once(
         assert not call.done()
         with gpuproxy(["worker", "provisioner"], env, tmp_path / "second.log"):
             answer = call.result(timeout=60)
-            repeat = stub.Ping(pb.PingRequest(message="other"), metadata=key, timeout=30)
+            repeat = stub.Ping(
+                pb.PingRequest(message="survive", delay_ms=1500), metadata=key, timeout=30
+            )
     assert answer.message == "survive"
     assert answer.attempt == 2
     assert answer.worker_id != killed_id

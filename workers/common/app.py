@@ -18,14 +18,16 @@ from typing import Protocol
 
 from faststream import FastStream
 from faststream.nats import NatsBroker
+from faststream.security import SASLPlaintext
 from nats.aio.client import Client
 
-from bus.connection import split_servers
+from bus.connection import inbox_prefix, split_servers
 from bus.runtime import CommandRuntime, Handler
 from schemas import subjects
 from schemas.commands import CommandBase
 from schemas.events import WorkerStarted, WorkerStopped
 from workers.common.config import WorkerConfig
+from workers.common.presence import Presence
 
 log = logging.getLogger("gpuproxy.worker")
 
@@ -51,12 +53,22 @@ def worker_app(
         name=config.worker_id,
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
+        # The same buffer as the gateway's: a worker's largest reply must fit while it
+        # reconnects, and nats-py's 2 MiB does not hold one.
+        pending_size=config.nats_reconnect_buffer,
+        inbox_prefix=inbox_prefix(str(kind)),
+        security=(
+            SASLPlaintext(config.nats_credentials.user, config.nats_credentials.password)
+            if config.nats_credentials is not None
+            else None
+        ),
         logger=log,
         # Per-message "received/processed" lines only at debug: control messages are chatty.
         log_level=logging.DEBUG,
     )
     app = FastStream(broker, logger=log)
     state: dict[str, CommandRuntime] = {}
+    presences: list[Presence] = []
 
     @app.after_startup
     async def start_commands() -> None:
@@ -75,6 +87,18 @@ def worker_app(
         )
         await runtime.start()
         state["runtime"] = runtime
+        # Announced only once its consumer pulls: a replica in the status takes commands.
+        presence = Presence(
+            broker.connection,
+            kind=kind,
+            worker_id=config.worker_id,
+            in_flight=lambda: runtime.in_flight,
+            period=config.heartbeat_seconds,
+            replicas=config.stream_replicas,
+        )
+        await presence.start()
+        presences.append(presence)
+        log.info("worker %s taking %s commands", config.worker_id, kind)
         await runtime.events.publish(
             WorkerStarted(
                 event_id=f"started-{config.worker_id}",
@@ -91,7 +115,24 @@ def worker_app(
         runtime = state.pop("runtime", None)
         if runtime is None:
             return
+        # Out of the status first: gateways stop counting a replica that takes no more work.
+        for presence in presences:
+            await presence.stop()
+        presences.clear()
+        running = runtime.in_flight
+        log.info(
+            "worker %s stops taking commands; draining %d running (up to %gs)",
+            config.worker_id,
+            running,
+            config.drain_timeout,
+        )
         abandoned = await runtime.stop(config.drain_timeout)
+        log.info(
+            "worker %s drained: %d finished, %d handed back to JetStream for another replica",
+            config.worker_id,
+            max(running - abandoned, 0),
+            abandoned,
+        )
         if service is not None:
             await service.stop()
         await runtime.events.publish(
@@ -103,5 +144,6 @@ def worker_app(
                 in_flight_abandoned=abandoned,
             )
         )
+        log.info("worker %s stopped", config.worker_id)
 
     return app

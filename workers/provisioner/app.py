@@ -80,6 +80,8 @@ class ProvisionerService:
             Lease(leases, "provisioner-reconciler", self._worker.worker_id),
             self._config,
         )
+        # Before the first command: a restart must not report a machine running that is gone.
+        await self.reconciler.check_machines(self._config.search_seconds)
         self.reconciler.start()
         return self._provisioning.handlers()
 

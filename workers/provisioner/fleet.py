@@ -26,6 +26,9 @@ log = logging.getLogger("gpuproxy.provisioner")
 DEFAULT_LIMIT = 100
 OFFER_MEMORY_SECONDS = 60.0
 """How long a searched offer's facts serve a create that names it (price, GPU, location)."""
+OFFER_MEMORY_SIZE = 20_000
+"""The most offers remembered at once: a marketplace lists tens of thousands of asks, and a
+long-running provisioner sees new ones all day; the oldest are forgotten first."""
 
 
 def matches(offer: GpuOffer, query: OfferQuery) -> bool:
@@ -62,11 +65,19 @@ def by_price(offers: Iterable[GpuOffer]) -> list[GpuOffer]:
 
 class Fleet:
     def __init__(
-        self, providers: Mapping[ProviderName, Provider], *, search_seconds: float = 20.0
+        self,
+        providers: Mapping[ProviderName, Provider],
+        *,
+        search_seconds: float = 20.0,
+        offer_memory_seconds: float = OFFER_MEMORY_SECONDS,
+        offer_memory_size: int = OFFER_MEMORY_SIZE,
     ) -> None:
         self._providers = dict(providers)
         self._search_seconds = search_seconds
+        self._memory_seconds = offer_memory_seconds
+        self._memory_size = offer_memory_size
         self._seen: dict[tuple[ProviderName, str], tuple[float, GpuOffer]] = {}
+        """Oldest first: an offer seen again moves to the end."""
 
     @property
     def names(self) -> list[ProviderName]:
@@ -119,17 +130,38 @@ class Fleet:
         except Exception as exc:
             log.exception("searching %s failed (%s)", name, type(exc).__name__)
             return Unavailable(f"search failed ({type(exc).__name__})")
-        now = time.monotonic()
         offers = [classified(o) for o in found]
-        for offer in offers:
-            self._seen[(offer.provider, offer.offer_id)] = (now, offer)
+        self._remember(offers)
         return offers
+
+    @property
+    def remembered(self) -> int:
+        """How many searched offers are remembered now."""
+        return len(self._seen)
+
+    def _remember(self, offers: Iterable[GpuOffer]) -> None:
+        now = time.monotonic()
+        for offer in offers:
+            key = (offer.provider, offer.offer_id)
+            self._seen.pop(key, None)
+            self._seen[key] = (now, offer)
+        self._forget(now)
+
+    def _forget(self, now: float) -> None:
+        """Drop offers past their memory, and the oldest beyond the size bound."""
+        horizon = now - self._memory_seconds
+        while self._seen:
+            key, (seen_at, _) = next(iter(self._seen.items()))
+            if seen_at >= horizon and len(self._seen) <= self._memory_size:
+                return
+            del self._seen[key]
 
     async def offer(self, name: ProviderName, offer_id: str) -> GpuOffer | None:
         """The offer as its provider lists it now (or listed it a moment ago)."""
         self.provider(name)  # an unconfigured provider is the caller's error, said so
+        self._forget(time.monotonic())
         known = self._seen.get((name, offer_id))
-        if known is not None and time.monotonic() - known[0] < OFFER_MEMORY_SECONDS:
+        if known is not None:
             return known[1]
         answer = await self._search_one(name, OfferQuery(providers=(name,), limit=10_000))
         if isinstance(answer, GpuproxyError):

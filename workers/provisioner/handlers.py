@@ -2,6 +2,12 @@
 
 An instance or reservation belongs to the account that made it. Another account gets
 PERMISSION_DENIED for it, unless the command comes from an admin (`actor_admin`).
+
+When the caller leaves, reads (search, find, list, get) stop; commands that change something
+(create, batch, destroy, renew, release) finish, so their effect is never half made and a
+retry with the same key gets the answer; a reservation is rolled back at once (see
+`reservations`). A worker that stops cancels every one of them: the command is delivered to
+another replica, which carries on from the records.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from schemas.commands import (
     RenewReservation,
     Reserve,
     SearchOffers,
+    is_keyed,
 )
 from schemas.errors import (
     FailedPrecondition,
@@ -53,14 +60,16 @@ from schemas.replies import (
     InstanceList,
     InstanceView,
     OfferList,
+    Reply,
     ReservationList,
     ReservationView,
 )
+from workers.provisioner.cancellation import despite_caller_leaving, to_the_end
 from workers.provisioner.fleet import Fleet
 from workers.provisioner.instances import Launcher, instance_id_for, new_instance
 from workers.provisioner.placement import pick
 from workers.provisioner.registry import Registry
-from workers.provisioner.reservations import Reservations
+from workers.provisioner.reservations import Reservations, reservation_id_for
 
 log = logging.getLogger("gpuproxy.provisioner")
 
@@ -79,6 +88,15 @@ def _check_list_owner(command: ListInstances | ListReservations) -> None:
         return
     if not command.owner or command.owner != command.actor:
         raise PermissionDenied("only an admin may list another account's", field="user_id")
+
+
+def _finishing(handler: Handler) -> Handler:
+    """The handler, run to its end when its caller leaves (not when the worker stops)."""
+
+    async def finish(command: Any, ctx: Context) -> Reply:
+        return await despite_caller_leaving(ctx, handler(command, ctx))
+
+    return finish
 
 
 class Provisioning:
@@ -102,15 +120,15 @@ class Provisioning:
         return {
             SearchOffers: self.search,
             FindGpu: self.find,
-            CreateInstance: self.create,
-            CreateBatch: self.batch,
-            DestroyInstance: self.destroy,
+            CreateInstance: _finishing(self.create),
+            CreateBatch: _finishing(self.batch),
+            DestroyInstance: _finishing(self.destroy),
             ListInstances: self.list_instances,
             Reserve: self.reserve,
             GetReservation: self.get_reservation,
             ListReservations: self.list_reservations,
-            RenewReservation: self.renew,
-            ReleaseReservation: self.release,
+            RenewReservation: _finishing(self.renew),
+            ReleaseReservation: _finishing(self.release),
         }
 
     async def stop(self) -> None:
@@ -261,7 +279,21 @@ class Provisioning:
     # --- reservations ------------------------------------------------------------------------
 
     async def reserve(self, command: Reserve, ctx: Context) -> ReservationView:
-        return await self._reservations.reserve(command)
+        if is_keyed(command.command_id):
+            # The caller may come back with its key: the retry gets the reservation.
+            return await despite_caller_leaving(ctx, self._reservations.reserve(command))
+        try:
+            return await self._reservations.reserve(command)
+        except asyncio.CancelledError:
+            if ctx.caller_left:
+                # Nobody can come back for it: its machines must not bill until the
+                # reconciler's deadline.
+                await to_the_end(
+                    self._reservations.abandon(
+                        reservation_id_for(command.command_id), "the caller left"
+                    )
+                )
+            raise
 
     async def _owned_reservation(self, command: CommandBase, reservation_id: str) -> Reservation:
         reservation = await self._registry.reservation(reservation_id)
@@ -291,7 +323,8 @@ class Provisioning:
         if renewed is None:
             current = await self._registry.reservation(reservation.id) or reservation
             raise FailedPrecondition(
-                f"reservation {reservation.id} is {current.state}; only an active one renews",
+                f"reservation {reservation.id} is {current.state}; "
+                "only an active or degraded one renews",
                 field="reservation_id",
             )
         return await self._reservations.view(renewed)

@@ -1,10 +1,15 @@
 """One instance's way through its states, driven from wherever it stands.
 
 Every step reads the registry first and picks up where the record is, so the same code serves
-a first attempt, a command redelivered after a crash, and the reconciler. The one step that
-is not idempotent at a provider, the create, is guarded by the record: the instance is
-recorded `provisioning` before the call, and a second attempt first looks for a machine that
-carries the instance's label. A machine is never created twice for one instance.
+a first attempt, a command redelivered after a crash, a duplicate delivery running at the
+same time, and the reconciler. The one step that is not idempotent at a provider, the create,
+is guarded by a claim in the record: the attempt that moves the instance to `provisioning`
+claims it (a revision-checked update) before the provider call and renews the claim while the
+call runs. Another attempt that finds a live claim waits for the claimant's answer and adopts
+it; only when a claim lapses (its holder died) does another attempt take over, and it first
+looks for a machine carrying the instance's label. A machine is never created twice for one
+instance; should a takeover miss the first machine (a provider that lists it late), whichever
+machine is recorded second is destroyed by the attempt that made it.
 """
 
 from __future__ import annotations
@@ -12,8 +17,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import secrets
 import time
 
+import msgspec
+
+from bus.tasks import cancel_and_wait
 from schemas.errors import FailedPrecondition, GpuproxyError, NotFound, Unavailable
 from schemas.gpus import (
     TERMINAL_STATES,
@@ -25,6 +34,7 @@ from schemas.gpus import (
     label_of,
 )
 from workers.provisioner import faults
+from workers.provisioner.cancellation import to_the_end
 from workers.provisioner.fleet import Fleet
 from workers.provisioner.providers.base import Machine, MachineStatus, Provider
 from workers.provisioner.registry import Registry, now_ms
@@ -36,6 +46,13 @@ READY_POLL_MOST = 3.0
 """Looks at a starting machine come quickly at first (a local server is up in a fraction of a
 second) and then further apart (a marketplace machine pulls its image for minutes, and its
 API limits the rate of calls)."""
+
+CLAIM_SECONDS = 6.0
+"""How long a claim on an instance's provider call holds unless renewed. Its holder renews it
+three times within this while the call runs, so only a dead holder's claim lapses, and the
+command's next delivery takes over a few seconds later."""
+CLAIM_POLL_MOST = 0.5
+"""The longest pause between two looks at a claim another attempt holds."""
 
 
 def instance_id_for(command_id: str, index: int) -> str:
@@ -70,10 +87,18 @@ def new_instance(
 
 
 class Launcher:
-    def __init__(self, registry: Registry, fleet: Fleet, *, worker_id: str) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        fleet: Fleet,
+        *,
+        worker_id: str,
+        claim_seconds: float = CLAIM_SECONDS,
+    ) -> None:
         self._registry = registry
         self._fleet = fleet
         self._worker_id = worker_id
+        self._claim_seconds = claim_seconds
 
     def _provider(self, name: ProviderName) -> Provider:
         return self._fleet.provider(name)
@@ -103,41 +128,104 @@ class Launcher:
     async def launch(self, instance_id: str) -> Instance:
         """Take the instance to `starting` (the provider accepted it). Raises the provider's
         refusal after recording the instance `failed` with it."""
+        token = f"{self._worker_id}/{secrets.token_hex(6)}"
         instance = await self._current(instance_id)
-        fresh = False
-        if instance.state is InstanceState.PENDING:
-            moved = await self._registry.move(
-                instance_id,
-                InstanceState.PROVISIONING,
-                reason="asking the provider",
-                only_from=frozenset({InstanceState.PENDING}),
+        while True:
+            if instance.state is InstanceState.PENDING:
+                claimed = await self._registry.move(
+                    instance_id,
+                    InstanceState.PROVISIONING,
+                    reason="asking the provider",
+                    only_from=frozenset({InstanceState.PENDING}),
+                    created_by=self._worker_id,
+                    claimed_by=token,
+                    claim_until_ms=now_ms() + int(self._claim_seconds * 1000),
+                )
+                if claimed is not None:
+                    return await to_the_end(self._create(claimed, token, adopt=False))
+            elif instance.state is InstanceState.PROVISIONING:
+                if instance.claim_until_ms > now_ms():
+                    instance = await self._await_claim(instance)
+                    continue
+                taken = await self._take_over(instance_id, token)
+                if taken is not None:
+                    # The holder died, perhaps after the provider answered it.
+                    return await to_the_end(self._create(taken, token, adopt=True))
+            else:
+                return instance
+            instance = await self._current(instance_id)
+
+    async def _await_claim(self, instance: Instance) -> Instance:
+        """Wait while another attempt holds the instance's provider call; the record as it
+        is once that attempt has answered (or its claim lapsed)."""
+        pause = READY_POLL_FIRST
+        while True:
+            await asyncio.sleep(pause)
+            pause = min(pause * 1.5, CLAIM_POLL_MOST)
+            current = await self._current(instance.id)
+            if (
+                current.state is not InstanceState.PROVISIONING
+                or current.claimed_by != instance.claimed_by
+                or current.claim_until_ms <= now_ms()
+            ):
+                return current
+
+    async def _take_over(self, instance_id: str, token: str) -> Instance | None:
+        def mutate(current: Instance) -> Instance | None:
+            at = now_ms()
+            if current.state is not InstanceState.PROVISIONING or current.claim_until_ms > at:
+                return None
+            return msgspec.structs.replace(
+                current,
+                claimed_by=token,
+                claim_until_ms=at + int(self._claim_seconds * 1000),
                 created_by=self._worker_id,
             )
-            fresh = moved is not None
-            instance = moved or await self._current(instance_id)
-        if instance.state is not InstanceState.PROVISIONING:
-            return instance
+
+        return await self._registry.amend(instance_id, mutate)
+
+    async def _keep_claim(self, instance_id: str, token: str) -> None:
+        def mutate(current: Instance) -> Instance | None:
+            if current.state is not InstanceState.PROVISIONING or current.claimed_by != token:
+                return None
+            return msgspec.structs.replace(
+                current, claim_until_ms=now_ms() + int(self._claim_seconds * 1000)
+            )
+
+        while True:
+            await asyncio.sleep(self._claim_seconds / 3)
+            try:
+                if await self._registry.amend(instance_id, mutate) is None:
+                    return  # moved on, or taken over: nothing of ours to hold
+            except Exception as exc:
+                log.warning("instance %s: claim not renewed (%s)", instance_id, type(exc).__name__)
+
+    async def _create(self, instance: Instance, token: str, *, adopt: bool) -> Instance:
+        """The provider call of a claimed instance, and its answer written down."""
         provider = self._provider(instance.provider)
         label = label_of(instance.id)
-        # Found already provisioning: an earlier attempt may have been answered and died
-        # before it wrote the answer down. Adopt its machine rather than rent a second one.
-        existing = None if fresh else await self.find_machine(instance)
+        existing = await self.find_machine(instance) if adopt else None
         if existing is not None:
             provider_id = existing.provider_id
         else:
             faults.checkpoint("create.before_provider_call")
+            keeper = asyncio.create_task(
+                self._keep_claim(instance.id, token), name=f"claim-{instance.id}"
+            )
             try:
                 provider_id = await provider.create(instance.offer_id, instance.spec, label=label)
             except GpuproxyError as exc:
                 await self._registry.move(
-                    instance_id,
+                    instance.id,
                     InstanceState.FAILED,
                     reason=f"{instance.provider} refused the create: {exc.message}",
                 )
                 raise
+            finally:
+                await cancel_and_wait([keeper])
             faults.checkpoint("create.after_provider_call")
         moved = await self._registry.move(
-            instance_id,
+            instance.id,
             InstanceState.STARTING,
             reason="accepted by the provider",
             only_from=frozenset({InstanceState.PROVISIONING}),
@@ -145,13 +233,16 @@ class Launcher:
         )
         if moved is not None:
             return moved
-        # Destroyed or failed while the provider was answering: the machine must not outlive
-        # its record.
-        current = await self._current(instance_id)
+        current = await self._current(instance.id)
         if current.state in TERMINAL_STATES or current.state is InstanceState.STOPPING:
+            # Destroyed or failed while the provider was answering: the machine must not
+            # outlive its record.
             await self._destroy_machine(provider, provider_id)
             if current.state is InstanceState.STOPPING:
                 return await self._finish_stop(current)
+        elif current.provider_id and current.provider_id != provider_id:
+            # Another attempt recorded its machine first (this one's claim had lapsed).
+            await self._destroy_machine(provider, provider_id)
         return current
 
     async def observe(self, instance: Instance) -> Instance:

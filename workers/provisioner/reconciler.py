@@ -8,9 +8,13 @@ One replica at a time runs it (a KV lease elects it). Each round, per provider:
 - a stopping instance has its destroy retried until the provider confirms it;
 - a machine that carries gpuproxy's label but that the registry does not own (no record, or
   a record that has ended) is destroyed: whatever point a create crashed at, no machine leaks.
-Then reservations: an ended lease is released, a pending reservation past its deadline (its
-command is gone) is undone, a releasing one is driven to its end. A second loop turns GPU
-time into usage events.
+Then reservations: an ended lease is released, a completed one whose instances ended is
+made degraded or failed, a pending reservation past its deadline (its command is gone) is
+undone, a releasing one is driven to its end. A second loop turns GPU time into usage events.
+
+A replica that starts compares every starting and running instance with its machine before
+it takes any command (`check_machines`): after a restart (machines die with their host, or
+were destroyed meanwhile), nobody is told an instance runs whose machine is gone.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from bus.tasks import cancel_and_wait
 from schemas.errors import DeadlineExceeded, GpuproxyError
 from schemas.gpus import (
+    RESERVATION_HELD,
     TERMINAL_STATES,
     Instance,
     InstanceState,
@@ -48,6 +53,9 @@ EVENT_HEAL_WINDOW_MS = 5 * 60 * 1000
 """Events of states entered this recently are published again each round (JetStream drops
 the repeats within its ten-minute dedupe window): a crash between a move and its event
 leaves no gap in the log."""
+
+CHECKS_AT_ONCE = 8
+"""Instances compared with their machines at the same time when a replica starts."""
 
 
 class Reconciler:
@@ -108,6 +116,31 @@ class Reconciler:
                 await job()
             except Exception as exc:
                 log.exception("reconciler job failed (%s)", type(exc).__name__)
+
+    async def check_machines(self, seconds: float) -> None:
+        """Compare each starting or running instance with its machine, within `seconds`:
+        those whose machine is gone, exited or taken back are ended (and their reservations
+        follow) before this replica answers anyone."""
+        live = [
+            i
+            for i in self._registry.live_instances()
+            if i.state in (InstanceState.STARTING, InstanceState.RUNNING)
+        ]
+        # A few at a time: a marketplace limits the rate of its API calls.
+        gate = asyncio.Semaphore(CHECKS_AT_ONCE)
+
+        async def check(instance: Instance) -> None:
+            async with gate:
+                try:
+                    await self._launcher.observe(instance)
+                except GpuproxyError as exc:
+                    log.info("instance %s not checked (%s)", instance.id, exc.message)
+
+        try:
+            async with asyncio.timeout(seconds):
+                await asyncio.gather(*(check(i) for i in live))
+        except TimeoutError:
+            log.warning("instances not all checked within %gs; the reconciler goes on", seconds)
 
     async def round(self) -> None:
         for provider in self._fleet.providers():
@@ -211,11 +244,13 @@ class Reconciler:
         at = now_ms()
         for reservation in self._registry.open_reservations():
             try:
-                if reservation.state is ReservationState.ACTIVE:
+                if reservation.state in RESERVATION_HELD:
                     if reservation.lease_expires_at_ms and at >= reservation.lease_expires_at_ms:
                         await self._reservations.release(
                             reservation, ending=ReservationState.EXPIRED
                         )
+                    elif self._registry.lost_instances(reservation):
+                        await self._registry.follow_instances(reservation.id)
                 elif reservation.state is ReservationState.RELEASING:
                     await self._reservations.finish_release(reservation)
                 elif (

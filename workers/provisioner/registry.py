@@ -5,10 +5,16 @@ against the state machine (`schemas.gpus.TRANSITIONS`), followed by its event. A
 no longer possible (another replica moved the record on first) is not made, and the caller
 sees the record as it now is. Each state is entered at most once, so an event's id names the
 record and the state, and a republished event is stored once.
+
+A completed reservation follows its instances: when one of them ends (failed, taken back,
+destroyed) the reservation becomes `degraded`, and `failed` when none is left, each with the
+reason and its event. The move of the instance makes the reservation's at once; the
+reconciler's rounds make it again should a process die in between.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,8 +26,10 @@ from bus.events import EventPublisher
 from bus.records import Records
 from bus.topology import declare_bucket
 from schemas import topology
+from schemas.errors import FailedPrecondition
 from schemas.events import InstanceTransitioned, ReservationRenewed, ReservationTransitioned
 from schemas.gpus import (
+    RESERVATION_HELD,
     RESERVATION_TERMINAL,
     TERMINAL_STATES,
     TRANSITIONS,
@@ -31,6 +39,8 @@ from schemas.gpus import (
     ReservationState,
 )
 from workers.provisioner.config import ProvisionerConfig
+
+log = logging.getLogger("gpuproxy.provisioner")
 
 BILLABLE_END = frozenset(
     {
@@ -42,11 +52,24 @@ BILLABLE_END = frozenset(
 )
 """Entering one of these ends the GPU time an instance is charged for."""
 
+LOST = frozenset(
+    {
+        InstanceState.STOPPING,
+        InstanceState.TERMINATED,
+        InstanceState.FAILED,
+        InstanceState.PREEMPTED,
+    }
+)
+"""An instance of a completed reservation in one of these no longer serves it."""
+
 RESERVATION_MOVES: dict[ReservationState, frozenset[ReservationState]] = {
     ReservationState.PENDING: frozenset(
         {ReservationState.ACTIVE, ReservationState.FAILED, ReservationState.RELEASING}
     ),
-    ReservationState.ACTIVE: frozenset({ReservationState.RELEASING}),
+    ReservationState.ACTIVE: frozenset(
+        {ReservationState.RELEASING, ReservationState.DEGRADED, ReservationState.FAILED}
+    ),
+    ReservationState.DEGRADED: frozenset({ReservationState.RELEASING, ReservationState.FAILED}),
     ReservationState.RELEASING: frozenset({ReservationState.RELEASED, ReservationState.EXPIRED}),
     ReservationState.RELEASED: frozenset(),
     ReservationState.EXPIRED: frozenset(),
@@ -196,8 +219,20 @@ class Registry:
         changed = await self.instances.change(instance_id, mutate)
         if changed is None:
             return None
-        await self._events.publish(instance_event(changed.after, str(changed.before.state)))
-        return changed.after
+        after = changed.after
+        await self._events.publish(instance_event(after, str(changed.before.state)))
+        if after.reservation_id and after.state in LOST:
+            try:
+                await self.follow_instances(after.reservation_id)
+            except Exception as exc:
+                # The instance moved; its reservation follows at the reconciler's next round.
+                log.warning(
+                    "reservation %s not updated after %s (%s)",
+                    after.reservation_id,
+                    after.id,
+                    type(exc).__name__,
+                )
+        return after
 
     async def amend(
         self, instance_id: str, mutate: Callable[[Instance], Instance | None]
@@ -246,7 +281,7 @@ class Registry:
 
     async def renew(self, reservation_id: str, lease_seconds: int) -> Reservation | None:
         def mutate(current: Reservation) -> Reservation | None:
-            if current.state is not ReservationState.ACTIVE:
+            if current.state not in RESERVATION_HELD:
                 return None
             at = now_ms()
             return msgspec.structs.replace(
@@ -271,6 +306,59 @@ class Registry:
             )
         )
         return after
+
+    def lost_instances(self, reservation: Reservation) -> list[str]:
+        """Ids of the reservation's instances that no longer serve, as the mirror sees them."""
+        lost = []
+        for instance_id in reservation.instance_ids:
+            instance = self.instances.mirror.get(instance_id)
+            if instance is None or instance.state in LOST:
+                lost.append(instance_id)
+        return lost
+
+    async def follow_instances(self, reservation_id: str) -> Reservation | None:
+        """Make a completed reservation `degraded` when some of its instances ended and
+        `failed` when all did; returns the reservation as it is now."""
+        reservation = await self.reservation(reservation_id)
+        if reservation is None or reservation.state not in RESERVATION_HELD:
+            return reservation
+        lost: list[str] = []
+        for instance_id in reservation.instance_ids:
+            instance = await self.instance(instance_id)
+            if instance is None:
+                lost.append(f"{instance_id} is gone")
+            elif instance.state in LOST:
+                lost.append(f"{instance_id} {instance.state}: {instance.reason}")
+        if not lost:
+            return reservation
+        total = len(reservation.instance_ids)
+        if len(lost) == total:
+            why = f"every instance ended ({'; '.join(lost)})"
+            moved = await self.move_reservation(
+                reservation_id,
+                ReservationState.FAILED,
+                reason=why,
+                error=FailedPrecondition(why).to_info(),
+            )
+        else:
+            why = f"{len(lost)} of {total} instances ended ({'; '.join(lost)})"
+            if reservation.state is ReservationState.ACTIVE:
+                moved = await self.move_reservation(
+                    reservation_id, ReservationState.DEGRADED, reason=why
+                )
+            else:
+                # Already degraded: one more ended. Its own event says so; the reason is
+                # kept true without a second `degraded` (each state is entered once).
+                changed = await self.reservations.change(
+                    reservation_id,
+                    lambda r: (
+                        msgspec.structs.replace(r, reason=why, updated_at_ms=now_ms())
+                        if r.state is ReservationState.DEGRADED and r.reason != why
+                        else None
+                    ),
+                )
+                moved = None if changed is None else changed.after
+        return moved or await self.reservation(reservation_id)
 
     def open_reservations(self) -> list[Reservation]:
         return [r for r in self.reservations.mirror.values() if r.state not in RESERVATION_TERMINAL]

@@ -6,6 +6,11 @@ reservation where the crash left it and carries on: instances already asked for 
 by label, none is created twice. A reservation that cannot be completed is failed and every
 instance it made is destroyed; one whose lease ends, or that its owner releases, has its
 instances destroyed too.
+
+A reservation command whose caller left (only a caller without an idempotency key is
+cancelled: nobody can come back for the answer) is rolled back at once (`abandon`): failed
+with the reason "the caller left", every machine it made destroyed. A command cancelled
+because its worker stops is not rolled back: another replica carries on from the records.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import time
 
 from schemas.commands import Reserve
 from schemas.errors import (
+    Cancelled,
     DeadlineExceeded,
     ErrorInfo,
     FailedPrecondition,
@@ -26,6 +32,7 @@ from schemas.errors import (
     error_from_info,
 )
 from schemas.gpus import (
+    RESERVATION_HELD,
     RESERVATION_TERMINAL,
     TERMINAL_STATES,
     Instance,
@@ -221,6 +228,19 @@ class Reservations:
             return None
         if current.state is ReservationState.FAILED:
             await self._destroy_all(current, f"reservation {current.id} failed")
+        return current
+
+    async def abandon(self, reservation_id: str, reason: str) -> Reservation | None:
+        """Undo what the command of a reservation made, now: its caller left and nobody will
+        ever receive the reservation."""
+        current = await self._registry.reservation(reservation_id)
+        if current is None:
+            return None  # cancelled before anything was recorded: nothing was made
+        if current.state is ReservationState.PENDING:
+            return await self.fail(reservation_id, Cancelled(reason).to_info())
+        if current.state in RESERVATION_HELD:
+            # Completed a moment before the cancel arrived, with nobody left to receive it.
+            return await self.release(current, ending=ReservationState.RELEASED)
         return current
 
     async def release(self, reservation: Reservation, *, ending: ReservationState) -> Reservation:

@@ -1,0 +1,173 @@
+"""What a retry, a duplicate, a worker that dies and a worker that drains get (issue 9)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+from nats.aio.client import Client
+
+from bus.connection import connect
+from bus.runtime import CommandRuntime, Context
+from schemas import topology
+from schemas.commands import Ping
+from schemas.errors import IdempotencyKeyReused, Internal
+from schemas.replies import Pong
+from schemas.subjects import WorkerKind
+from tests.bus.harness import running_caller, running_worker
+from tests.bus.test_command_path import dead_letters
+from workers.common.ping import answer_ping
+
+
+def keyed_ping(key: str, message: str = "hi") -> Ping:
+    return Ping(command_id=f"k-{key}", message=message)
+
+
+async def test_the_same_key_with_another_body_is_refused_naming_the_key(
+    nats_url: str, nc: Client
+) -> None:
+    key = uuid.uuid4().hex
+    async with running_worker(nats_url, {Ping: answer_ping}), running_caller(nc) as caller:
+        first = await caller.call(WorkerKind.PROVISIONER, keyed_ping(key, "one"), timeout=5)
+        again = await caller.call(WorkerKind.PROVISIONER, keyed_ping(key, "one"), timeout=5)
+        with pytest.raises(IdempotencyKeyReused) as raised:
+            await caller.call(WorkerKind.PROVISIONER, keyed_ping(key, "two"), timeout=5)
+    assert first == again
+    assert raised.value.field == "idempotency-key"
+
+
+async def test_a_keyed_retry_with_another_issue_time_is_the_same_request(
+    nats_url: str, nc: Client
+) -> None:
+    key = uuid.uuid4().hex
+    async with running_worker(nats_url, {Ping: answer_ping}), running_caller(nc) as caller:
+        first = await caller.call(
+            WorkerKind.PROVISIONER,
+            Ping(command_id=f"k-{key}", message="m", issued_at_ms=1),
+            timeout=5,
+        )
+        again = await caller.call(
+            WorkerKind.PROVISIONER,
+            Ping(command_id=f"k-{key}", message="m", issued_at_ms=2),
+            timeout=5,
+        )
+    assert first == again
+
+
+async def _worker(
+    url: str, handler: object, *, max_deliver: int, ack_wait: float
+) -> tuple[Client, CommandRuntime]:
+    nc = await connect(url, name="test-worker")
+    runtime = CommandRuntime(
+        nc,
+        kind=WorkerKind.PROVISIONER,
+        handlers={Ping: handler},  # type: ignore[dict-item]
+        worker_id=f"w-{uuid.uuid4().hex[:6]}",
+        ack_wait=ack_wait,
+        max_deliver=max_deliver,
+    )
+    await runtime.start()
+    return nc, runtime
+
+
+async def test_a_command_whose_workers_keep_dying_ends_dead_lettered_for_caller_and_retry(
+    nats_url: str, nc: Client
+) -> None:
+    started = asyncio.Event()
+
+    async def hangs(command: Ping, ctx: Context) -> Pong:
+        started.set()
+        await asyncio.sleep(60)
+        raise AssertionError("not reached")
+
+    command = Ping(command_id=uuid.uuid4().hex, message="doomed")
+    async with running_caller(nc) as caller:
+        call = asyncio.create_task(caller.call(WorkerKind.PROVISIONER, command, timeout=20))
+        for _ in range(2):
+            # A worker that dies mid-command: its connection goes, it never acks or naks.
+            started.clear()
+            dying_nc, _runtime = await _worker(nats_url, hangs, max_deliver=2, ack_wait=0.5)
+            await asyncio.wait_for(started.wait(), 10)
+            await dying_nc.close()
+        async with running_worker(nats_url, {Ping: answer_ping}, max_deliver=2, ack_wait=0.5):
+            with pytest.raises(Internal) as raised:
+                await asyncio.wait_for(call, 15)
+            with pytest.raises(Internal):
+                await caller.call(WorkerKind.PROVISIONER, command, timeout=5)
+    assert "delivered 2 times" in raised.value.message
+    [event] = await dead_letters(nc)
+    assert (event.command_id, event.deliveries) == (command.command_id, 2)
+
+
+async def test_draining_a_worker_never_spends_the_delivery_budget(
+    nats_url: str, nc: Client
+) -> None:
+    started = asyncio.Event()
+
+    async def long(command: Ping, ctx: Context) -> Pong:
+        started.set()
+        await asyncio.sleep(command.delay_ms / 1000)
+        return await answer_ping(command, ctx)
+
+    async with running_caller(nc) as caller:
+        call = asyncio.create_task(
+            caller.call(
+                WorkerKind.PROVISIONER,
+                Ping(command_id=uuid.uuid4().hex, delay_ms=30_000),
+                timeout=30,
+            )
+        )
+        for _ in range(3):
+            # Each replica is stopped while the command runs: three drains, budget one.
+            started.clear()
+            async with running_worker(nats_url, {Ping: long}, max_deliver=1) as draining:
+                await asyncio.wait_for(started.wait(), 10)
+                assert await draining.stop(drain_timeout=0.05) == 1
+
+        async def quick(command: Ping, ctx: Context) -> Pong:
+            return Pong(
+                message="done", worker_kind="", worker_id=ctx.worker_id, attempt=ctx.attempt
+            )
+
+        async with running_worker(nats_url, {Ping: quick}, max_deliver=1):
+            reply = await asyncio.wait_for(call, 10)
+    assert isinstance(reply, Pong)
+    assert reply.message == "done"
+
+
+async def test_replicas_with_other_ack_waits_keep_the_consumer_as_first_declared(
+    nats_url: str, nc: Client
+) -> None:
+    async with running_worker(nats_url, {Ping: answer_ping}, ack_wait=7.0) as first:
+        info_before = await nc.jetstream().consumer_info(topology.COMMAND_STREAM, "provisioner")
+        async with running_worker(nats_url, {Ping: answer_ping}, ack_wait=2.0) as second:
+            info_after = await nc.jetstream().consumer_info(topology.COMMAND_STREAM, "provisioner")
+    assert info_before.config.ack_wait == info_after.config.ack_wait == 7.0
+    assert first.ack_wait == second.ack_wait == 7.0
+    assert info_after.config.max_deliver == -1
+
+
+async def test_stop_ends_even_a_handler_that_swallows_one_cancellation(
+    nats_url: str, nc: Client
+) -> None:
+    started = asyncio.Event()
+
+    async def stubborn(command: Ping, ctx: Context) -> Pong:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            # As nats-py's wait_for can on Python 3.11: the cancellation is lost.
+            await asyncio.sleep(30)
+        raise AssertionError("not reached")
+
+    async with running_caller(nc) as caller:
+        call = asyncio.create_task(
+            caller.call(WorkerKind.PROVISIONER, Ping(command_id=uuid.uuid4().hex), timeout=30)
+        )
+        async with running_worker(nats_url, {Ping: stubborn}) as worker:
+            await asyncio.wait_for(started.wait(), 5)
+            handed_back = await asyncio.wait_for(worker.stop(drain_timeout=0.05), 5)
+        call.cancel()
+    assert handed_back == 1
