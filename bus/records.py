@@ -168,6 +168,12 @@ class Records(Generic[T]):
             self._remember(key, after, revision)
             return Changed(current.value, after, revision)
 
+    async def sweep_tombstones(self, older_than_seconds: float) -> None:
+        """Remove the delete markers older than that. In a bucket without TTL every deleted
+        key leaves one behind, and keys that are never reused (instance ids) would make
+        them pile up forever. Markers are kept a while so every watcher sees the delete."""
+        await self._kv.purge_deletes(olderthan=max(int(older_than_seconds), 1))
+
     async def delete(self, key: str) -> None:
         with contextlib.suppress(NotFoundError):
             await self._kv.delete(key)

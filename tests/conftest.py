@@ -101,6 +101,8 @@ async def _purge(url: str) -> None:
         topology.LEASES_BUCKET,
         topology.STATIC_CLAIMS_BUCKET,
         topology.WORKERS_BUCKET,
+        topology.KEYS_BUCKET,
+        topology.DRAINS_BUCKET,
     ):
         with contextlib.suppress(NotFoundError):
             await js.delete_key_value(bucket)

@@ -31,12 +31,6 @@ async def system(nats_url: str, any_database: str) -> AsyncIterator[System]:
 
 
 @pytest.fixture
-async def http(system: System) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=system.http_base, timeout=10) as client:
-        yield client
-
-
-@pytest.fixture
 def admin(system: System) -> dict[str, str]:
     return {"x-api-key": system.api_key}
 

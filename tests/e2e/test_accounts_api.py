@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import grpc
 import httpx
 import msgspec
@@ -15,21 +13,9 @@ from gateway.pb import gpuproxy_pb2 as pb
 from gateway.pb import gpuproxy_pb2_grpc as pb_grpc
 from schemas import topology
 from schemas.events import Event, SessionEnded, SessionStarted, UserRegistered
-from tests.e2e.system import System, running_system
+from tests.e2e.system import System
 
 PASSWORD = "correct horse battery"
-
-
-@pytest.fixture
-async def system(nats_url: str, migrated_database: str) -> AsyncIterator[System]:
-    async with running_system(nats_url, migrated_database) as running:
-        yield running
-
-
-@pytest.fixture
-async def http(system: System) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=system.http_base, timeout=10) as client:
-        yield client
 
 
 async def register(http: httpx.AsyncClient, email: str = "ada@example.com") -> str:

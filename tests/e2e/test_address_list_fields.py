@@ -3,25 +3,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import httpx
-import pytest
 
 from tests.e2e.access_client import User
-from tests.e2e.system import System, running_system
-
-
-@pytest.fixture
-async def system(nats_url: str, migrated_database: str) -> AsyncIterator[System]:
-    async with running_system(nats_url, migrated_database) as running:
-        yield running
-
-
-@pytest.fixture
-async def http(system: System) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=system.http_base, timeout=30) as client:
-        yield client
+from tests.e2e.system import System
 
 
 async def test_cidr_and_ip_are_taken_for_ip_range_and_ip_address(

@@ -3,7 +3,6 @@ and bad input that changes nothing."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -13,21 +12,9 @@ import pytest
 from gateway.pb import gpuproxy_pb2 as pb
 from gateway.pb import gpuproxy_pb2_grpc as pb_grpc
 from tests.e2e.access_client import User, grpc_status
-from tests.e2e.system import System, running_system
+from tests.e2e.system import System
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture
-async def system(nats_url: str, migrated_database: str) -> AsyncIterator[System]:
-    async with running_system(nats_url, migrated_database) as running:
-        yield running
-
-
-@pytest.fixture
-async def http(system: System) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=system.http_base, timeout=60) as client:
-        yield client
 
 
 def bearer(user: User) -> tuple[tuple[str, str], ...]:

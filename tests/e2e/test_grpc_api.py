@@ -40,12 +40,6 @@ SERVICE = pb.DESCRIPTOR.services_by_name["GPUProxyService"]
 
 
 @pytest.fixture
-async def system(nats_url: str, migrated_database: str) -> AsyncIterator[System]:
-    async with running_system(nats_url, migrated_database) as running:
-        yield running
-
-
-@pytest.fixture
 async def channel(system: System) -> AsyncIterator[grpc.aio.Channel]:
     async with keyed_channel(system.grpc_target, system.api_key) as open_channel:
         yield open_channel

@@ -4,29 +4,15 @@ naming it, instead of answering as if it had not been sent."""
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 
 import httpx
-import pytest
 
 from tests.e2e.access_client import User
-from tests.e2e.system import System, running_system
+from tests.e2e.system import System
 from tests.e2e.test_access_census import every_route
 
 PROBES = {"/health", "/healthz", "/readyz"}
 """Health probes answer whatever a balancer appends to their address."""
-
-
-@pytest.fixture
-async def system(nats_url: str, migrated_database: str) -> AsyncIterator[System]:
-    async with running_system(nats_url, migrated_database) as running:
-        yield running
-
-
-@pytest.fixture
-async def http(system: System) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=system.http_base, timeout=30) as client:
-        yield client
 
 
 async def test_a_misspelt_filter_is_refused_not_ignored(

@@ -4,7 +4,6 @@ admin, and one's own id is the same as leaving it out. Both front doors."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -13,7 +12,7 @@ import pytest
 
 from gateway.pb import gpuproxy_pb2 as pb
 from tests.e2e.access_client import User, grpc_status
-from tests.e2e.system import System, running_system
+from tests.e2e.system import System
 
 NOBODY = "0" * 32
 
@@ -35,18 +34,6 @@ ROUTES: list[tuple[str, str, dict[str, Any] | None]] = [
     ("GET", "/api/v1/gpu/preferences", None),
     ("POST", "/api/v1/gpu/preferences", {"min_vram": 24}),
 ]
-
-
-@pytest.fixture
-async def system(nats_url: str, migrated_database: str) -> AsyncIterator[System]:
-    async with running_system(nats_url, migrated_database) as running:
-        yield running
-
-
-@pytest.fixture
-async def http(system: System) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=system.http_base, timeout=30) as client:
-        yield client
 
 
 async def call(

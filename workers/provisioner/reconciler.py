@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from bus.tasks import cancel_and_wait
@@ -46,6 +47,10 @@ from workers.provisioner.reservations import Reservations
 log = logging.getLogger("gpuproxy.provisioner")
 
 RETENTION_MS = 7 * 24 * 3600 * 1000
+TOMBSTONE_SWEEP_SECONDS = 3600.0
+"""How often the delete markers of forgotten records are swept from the registry's buckets."""
+TOMBSTONE_AGE_SECONDS = 3600.0
+"""A delete marker's age before it goes: every watcher has long seen the delete by then."""
 """Ended instances and reservations stay listable this long, then leave the registry; the
 event log keeps their whole history."""
 
@@ -78,6 +83,7 @@ class Reconciler:
         self._config = config
         self._tasks: list[asyncio.Task[None]] = []
         self.rounds = 0
+        self._next_sweep = 0.0
 
     def start(self) -> None:
         self._tasks = [
@@ -149,6 +155,9 @@ class Reconciler:
         await self._reconcile_reservations()
         await self._registry.republish_recent(EVENT_HEAL_WINDOW_MS)
         await self._registry.forget_ended(now_ms() - RETENTION_MS)
+        if time.monotonic() >= self._next_sweep:
+            await self._registry.sweep_tombstones(TOMBSTONE_AGE_SECONDS)
+            self._next_sweep = time.monotonic() + TOMBSTONE_SWEEP_SECONDS
         self.rounds += 1
 
     async def _reconcile_provider(self, provider: Provider) -> None:

@@ -377,6 +377,10 @@ class Registry:
             if reservation.state in RESERVATION_TERMINAL and reservation.updated_at_ms < before_ms:
                 await self.reservations.delete(reservation.id)
 
+    async def sweep_tombstones(self, older_than_seconds: float) -> None:
+        await self.instances.sweep_tombstones(older_than_seconds)
+        await self.reservations.sweep_tombstones(older_than_seconds)
+
     async def republish_recent(self, window_ms: int) -> None:
         """Publish again the event of every state entered within `window_ms`: a process
         that died between a move and its event leaves no gap in the log. Within JetStream's
