@@ -12,14 +12,14 @@ from __future__ import annotations
 import inspect
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import grpc_status, internal_answer, internal_status
-from gateway.grpc_handlers import rebuilt
+from gateway.grpc_handlers import WrappingInterceptor, rebuilt
 from gateway.http_io import json_response
 from schemas.errors import GpuproxyError
 
@@ -80,27 +80,11 @@ def _guarded(behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
     return coroutine
 
 
-class UnexpectedErrors(grpc.aio.ServerInterceptor):
+class UnexpectedErrors(WrappingInterceptor):
     """The outermost gRPC interceptor: every method, unary or streaming, of every service."""
 
-    def __init__(self) -> None:
-        self._wrapped: dict[str, Handler] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        method: str = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None  # an unknown method: grpc answers UNIMPLEMENTED itself
-        wrapped = rebuilt(handler, lambda behaviour, _: _guarded(behaviour, method))
-        self._wrapped[method] = wrapped
-        return wrapped
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        return rebuilt(handler, lambda behaviour, _: _guarded(behaviour, method))
 
 
 class UnexpectedHttpErrors:

@@ -8,7 +8,7 @@ a request field the policy names). A method without a policy entry is refused ou
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -19,7 +19,7 @@ from gateway.auth.gatekeeper import Gatekeeper, Presented
 from gateway.auth.policy import Requirement
 from gateway.auth.principal import Principal
 from gateway.errors import grpc_status
-from gateway.grpc_handlers import rebuilt
+from gateway.grpc_handlers import WrappingInterceptor, rebuilt
 from schemas.errors import GpuproxyError, PermissionDenied
 
 if TYPE_CHECKING:
@@ -111,34 +111,20 @@ def _refusal(method: str) -> Callable[..., Any]:
     return refuse
 
 
-class GuardInterceptor(grpc.aio.ServerInterceptor):
+class GuardInterceptor(WrappingInterceptor):
     def __init__(self, gatekeeper: Gatekeeper, policy: Mapping[str, Requirement]) -> None:
+        super().__init__()
         self._gatekeeper = gatekeeper
         self._policy = policy
-        self._wrapped: dict[str, Handler] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        method: str = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler  # an unknown method: grpc answers UNIMPLEMENTED itself
+    def wrap(self, method: str, handler: Handler) -> Handler:
         requirement = self._policy.get(method)
         if requirement is None:
             refuse = _refusal(method)
-            wrapped = rebuilt(handler, lambda behaviour, client_streams: refuse)
-        elif requirement.public and not requirement.per_address:
-            wrapped = handler
-        else:
-            door = _Door(self._gatekeeper, requirement, method)
-            wrapped = rebuilt(
-                handler, lambda behaviour, client_streams: _wrap(door, behaviour, client_streams)
-            )
-        self._wrapped[method] = wrapped
-        return wrapped
+            return rebuilt(handler, lambda behaviour, client_streams: refuse)
+        if requirement.public and not requirement.per_address:
+            return handler
+        door = _Door(self._gatekeeper, requirement, method)
+        return rebuilt(
+            handler, lambda behaviour, client_streams: _wrap(door, behaviour, client_streams)
+        )
