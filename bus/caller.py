@@ -12,13 +12,12 @@ most one future, woken by the reply subscription and expired by one timer.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import hashlib
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import TypeVar
 
 import msgspec
 from nats.aio.client import Client
@@ -28,7 +27,9 @@ from nats.errors import Error as NatsError
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from bus.acks import pub_ack
 from bus.codec import Decoder, encode
+from bus.inbox import Inbox, within
 from bus.topology import declare_bucket, declare_stream
 from schemas import subjects, topology
 from schemas.commands import CommandBase, Departure, is_keyed, name_of
@@ -41,21 +42,10 @@ from schemas.errors import (
     Unavailable,
     error_from_info,
 )
-from schemas.replies import Chunk, Data, Failure, Heartbeat, Outcome, Reply, Result
+from schemas.replies import Chunk, Data, Failure, Outcome, Reply, Result
 
 T = TypeVar("T")
 
-
-class _PubAck(msgspec.Struct):
-    """JetStream's answer to a publish, decoded without nats-py's json.loads + dataclass."""
-
-    stream: str = ""
-    seq: int = 0
-    duplicate: bool = False
-    error: dict[str, object] | None = None
-
-
-_pub_ack = msgspec.json.Decoder(_PubAck)
 
 _ACK = "a"
 """Reply-token prefix that marks JetStream's publish acknowledgements on the reply subject."""
@@ -64,88 +54,8 @@ PUBLISH_ATTEMPT = 1.0
 """Seconds to wait for JetStream to confirm one publish before sending it again."""
 
 
-def _expire(waiter: asyncio.Future[Any], error: Callable[[], Exception]) -> None:
-    if not waiter.done():
-        waiter.set_exception(error())
-
-
-def _no_answer() -> Exception:
-    return DeadlineExceeded("no answer from a worker before the deadline")
-
-
 def _not_taken() -> Exception:
     return TimeoutError("JetStream has not confirmed the publish yet")
-
-
-async def _within(waiter: asyncio.Future[T], seconds: float, error: Callable[[], Exception]) -> T:
-    """Await `waiter` for at most `seconds`.
-
-    Not `asyncio.wait_for`: on Python 3.11 it returns the result and drops a cancellation
-    that arrives as the future completes, and a call cancelled that way never tells its
-    worker to stop. Awaiting the future itself cancels cleanly.
-    """
-    loop = asyncio.get_running_loop()
-    timer = loop.call_later(max(seconds, 0), _expire, waiter, error)
-    try:
-        return await waiter
-    finally:
-        timer.cancel()
-
-
-class _Inbox:
-    """The chunks of one call, in arrival order, checked for attempt and sequence."""
-
-    __slots__ = ("_attempt", "_chunks", "_expected", "_waiter", "ack", "run", "sent", "streamed")
-
-    def __init__(self) -> None:
-        self._chunks: collections.deque[Chunk] = collections.deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self.ack: asyncio.Future[Msg] | None = None
-        """JetStream's answer to the publish of this call's command."""
-        self._attempt = 0
-        self._expected = 0
-        self.streamed = False
-        self.sent = False
-        """This call's publish is the one JetStream took (not a repeat of an earlier call's):
-        only then may its departure stop the command."""
-        self.run = 0
-
-    def put(self, chunk: Chunk) -> None:
-        self._chunks.append(chunk)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def next(self, deadline: float) -> Data | Result | Failure:
-        """The next chunk that matters: heartbeats, repeats and superseded attempts skipped."""
-        while True:
-            while not self._chunks:
-                self._waiter = asyncio.get_running_loop().create_future()
-                try:
-                    await _within(self._waiter, deadline - time.monotonic(), _no_answer)
-                finally:
-                    self._waiter = None
-            chunk = self._accept(self._chunks.popleft())
-            if chunk is not None:
-                return chunk
-
-    def _accept(self, chunk: Chunk) -> Data | Result | Failure | None:
-        if chunk.attempt != self._attempt:
-            if chunk.attempt < self._attempt:
-                return None  # a late chunk of an attempt already superseded
-            if self.streamed:
-                # Part of the answer is already with the client; a restart would repeat it.
-                raise Unavailable("the worker was lost mid-stream; the answer is incomplete")
-            self._attempt, self._expected = chunk.attempt, 0
-        if chunk.seq < self._expected:
-            return None
-        if chunk.seq > self._expected:
-            raise Internal("a reply chunk was lost on the way")
-        self._expected += 1
-        if isinstance(chunk, Heartbeat):
-            return None
-        if isinstance(chunk, Data):
-            self.streamed = True
-        return chunk
 
 
 class CommandCaller:
@@ -154,7 +64,7 @@ class CommandCaller:
         self._js = nc.jetstream()
         self._gateway_id = gateway_id
         self._replicas = stream_replicas
-        self._calls: dict[str, _Inbox] = {}
+        self._calls: dict[str, Inbox] = {}
         self._tokens = itertools.count()
         self._decoder: Decoder[Chunk] = Decoder(Chunk)
         self._sub: Subscription | None = None
@@ -231,9 +141,9 @@ class CommandCaller:
         finally:
             await self._close(token, kind, command, finished)
 
-    def _open(self) -> tuple[str, _Inbox]:
+    def _open(self) -> tuple[str, Inbox]:
         token = str(next(self._tokens))
-        inbox = self._calls[token] = _Inbox()
+        inbox = self._calls[token] = Inbox()
         return token, inbox
 
     async def _close(
@@ -330,7 +240,7 @@ class CommandCaller:
             await self._nc.publish(subject, payload, reply=ack_to, headers=headers)
             left = deadline - time.monotonic()
             try:
-                answer = await _within(inbox.ack, min(left, PUBLISH_ATTEMPT), _not_taken)
+                answer = await within(inbox.ack, min(left, PUBLISH_ATTEMPT), _not_taken)
                 break
             except TimeoutError:
                 # Lost on a connection that had just died, or JetStream busy electing a
@@ -340,7 +250,7 @@ class CommandCaller:
                     raise Unavailable("the command bus did not take the command in time") from None
         if answer.headers and answer.headers.get("Status") == "503":
             raise Unavailable("no command stream is there to take the command")
-        ack = _pub_ack.decode(answer.data)
+        ack = pub_ack.decode(answer.data)
         if ack.error is not None:
             raise Unavailable(
                 f"the command bus refused the command: {ack.error.get('description')}"

@@ -15,27 +15,26 @@ import asyncio
 import collections
 import contextlib
 import functools
-import hashlib
-import itertools
 import logging
-import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.errors import Error as NatsError
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
+from bus.acks import AckedPublisher
 from bus.codec import Decoder, encode
 from bus.consumer import PullConsumer
+from bus.drains import Drains
 from bus.events import EventPublisher
+from bus.job import Context as Context
+from bus.job import Job, heartbeat
 from bus.tasks import cancel_and_wait
 from bus.topology import declare_bucket, declare_consumer, declare_stream
 from schemas import subjects, topology
@@ -52,62 +51,11 @@ from schemas.errors import (
     RetryLater,
 )
 from schemas.events import CommandDeadLettered
-from schemas.replies import Data, Failure, Heartbeat, Outcome, Reply, Result
+from schemas.replies import Failure, Outcome, Reply, Result
 
 log = logging.getLogger("gpuproxy.worker")
 
 Handler = Callable[[Any, "Context"], Awaitable[Reply]]
-
-
-class Context:
-    """What a handler may know and do besides returning its reply."""
-
-    def __init__(self, runtime: CommandRuntime, job: _Job) -> None:
-        self._runtime = runtime
-        self._job = job
-
-    @property
-    def attempt(self) -> int:
-        return self._job.attempt
-
-    @property
-    def worker_id(self) -> str:
-        return self._runtime.worker_id
-
-    @property
-    def worker_kind(self) -> str:
-        return str(self._runtime.kind)
-
-    @property
-    def caller_left(self) -> bool:
-        """The command is being cancelled because its caller went away (not a shutdown)."""
-        return self._job.cancel_reason is not None
-
-    async def send(self, body: bytes) -> None:
-        """Stream a piece of the answer to the caller now."""
-        await self._runtime._send(self._job, lambda seq: Data(**self._job.head(seq), body=body))
-
-
-@dataclass(eq=False)
-class _Job:
-    msg: Msg
-    key: str
-    """The message id: one run of one command (`subjects.message_id`)."""
-    command_id: str
-    run: int
-    attempt: int
-    reply_to: str | None
-    started: float = field(default_factory=time.monotonic)
-    seq: int = 0
-    task: asyncio.Task[None] | None = None
-    cancel_reason: str | None = None
-
-    def head(self, seq: int) -> dict[str, Any]:
-        return {"command_id": self.command_id, "attempt": self.attempt, "seq": seq}
-
-
-def _heartbeat(job: _Job, seq: int) -> Heartbeat:
-    return Heartbeat(**job.head(seq))
 
 
 class _StoreFailed(Exception):
@@ -139,17 +87,17 @@ class CommandRuntime:
         self._replicas = stream_replicas
         self._store_timeout = store_timeout
         self._decoder: Decoder[Command] = Decoder(Command)
-        self._jobs: dict[str, _Job] = {}
+        self._jobs: dict[str, Job] = {}
         self._cancelled: collections.OrderedDict[str, float] = collections.OrderedDict()
         """Cancels by message id, oldest first, for commands that may not have arrived yet."""
         self._results: KeyValue | None = None
-        self._drains: KeyValue | None = None
+        self._drains: Drains | None = None
         self._results_prefix = ""
         self._consumer: PullConsumer | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._cancel_sub: Subscription | None = None
         self._cancel_decoder: Decoder[Cancel] = Decoder(Cancel)
-        self._stores = _StoreAcks(nc)
+        self._stores = AckedPublisher(nc)
         self.events = EventPublisher(self._js)
 
     @property
@@ -176,7 +124,9 @@ class CommandRuntime:
             )
             self._ack_wait = config.ack_wait
         self._results = await declare_bucket(self._js, topology.results_bucket(self._replicas))
-        self._drains = await declare_bucket(self._js, topology.drains_bucket(self._replicas))
+        self._drains = Drains(
+            await declare_bucket(self._js, topology.drains_bucket(self._replicas))
+        )
         self._results_prefix = f"$KV.{topology.RESULTS_BUCKET}."
         await self._stores.start()
         self._consumer = PullConsumer(
@@ -256,7 +206,8 @@ class CommandRuntime:
             self._consumer.release()
             return
         command_id, run = subjects.parse_message_id(key)
-        job = _Job(
+        job = Job(
+            nc=self._nc,
             msg=msg,
             key=key,
             command_id=command_id,
@@ -267,7 +218,7 @@ class CommandRuntime:
         self._jobs[key] = job
         job.task = asyncio.get_running_loop().create_task(self._run(job, headers))
 
-    async def _run(self, job: _Job, headers: Mapping[str, str]) -> None:
+    async def _run(self, job: Job, headers: Mapping[str, str]) -> None:
         try:
             await self._settle(job, headers)
         except _StoreFailed:
@@ -281,7 +232,7 @@ class CommandRuntime:
             assert self._consumer is not None
             self._consumer.release()
 
-    async def _settle(self, job: _Job, headers: Mapping[str, str]) -> None:
+    async def _settle(self, job: Job, headers: Mapping[str, str]) -> None:
         msg = job.msg
         if job.attempt > 1 and await self._answered_before(job):
             return
@@ -302,7 +253,9 @@ class CommandRuntime:
                 raise Reject(
                     InvalidArgument(f"{self.kind} does not handle {type(command).__name__}")
                 )
-            reply = await handler(command, Context(self, job))
+            reply = await handler(
+                command, Context(job, worker_id=self.worker_id, worker_kind=str(self.kind))
+            )
         except msgspec.DecodeError as exc:
             # Not JSON, or not a command we know: no delivery will ever read it differently.
             await self._dead_letter(job, InvalidArgument(f"malformed command: {exc}").to_info())
@@ -330,7 +283,7 @@ class CommandRuntime:
             await self._finish(job, Outcome(result=reply))
             await msg.ack()
 
-    async def _answered_before(self, job: _Job) -> bool:
+    async def _answered_before(self, job: Job) -> bool:
         """Settle a redelivery from what is known: a finished command keeps its answer (its
         ack was lost), a stopped run stays stopped, and a command past its delivery budget
         ends here, wherever its earlier deliveries ran (a worker that died mid-command
@@ -353,19 +306,19 @@ class CommandRuntime:
             return True
         return False
 
-    async def _withdraw(self, job: _Job, error: GpuproxyError) -> None:
+    async def _withdraw(self, job: Job, error: GpuproxyError) -> None:
         """End a run that is no answer: a retry with the same key runs the command again."""
         await self._finish(job, Outcome(error=error.to_info(), stopped_run=job.run))
         await job.msg.term()
 
-    async def _retry(self, job: _Job, delay: float, error: ErrorInfo) -> None:
+    async def _retry(self, job: Job, delay: float, error: ErrorInfo) -> None:
         if job.attempt - await self._drained(job.key) >= self._max_deliver:
             await self._dead_letter(job, error)
             return
         await job.msg.nak(delay=delay)
 
     async def _dead_letter(
-        self, job: _Job, error: ErrorInfo, *, deliveries: int | None = None
+        self, job: Job, error: ErrorInfo, *, deliveries: int | None = None
     ) -> None:
         await self._finish(job, Outcome(error=error))
         await job.msg.term()
@@ -380,7 +333,7 @@ class CommandRuntime:
             )
         )
 
-    async def _finish(self, job: _Job, outcome: Outcome) -> None:
+    async def _finish(self, job: Job, outcome: Outcome) -> None:
         """Give the caller its answer, then make it durable; both before the message is acked.
 
         The caller hears first, so storing costs it no latency. The outcome is stored with a
@@ -399,25 +352,12 @@ class CommandRuntime:
         """Give a delivery back to JetStream for another replica, without spending budget."""
         key = (msg.headers or {}).get(subjects.HEADER_MSG_ID)
         if key is not None and self._drains is not None:
-            with contextlib.suppress(Exception):
-                drained = await self._drained(key)
-                await self._drains.put(_drain_key(key), str(drained + 1).encode())
+            await self._drains.note(key)
         with contextlib.suppress(Exception):
             await msg.nak()
 
     async def _drained(self, key: str) -> int:
-        if self._drains is None:
-            return 0
-        try:
-            entry = await self._drains.get(_drain_key(key))
-        except KeyNotFoundError:
-            return 0
-        except (NatsError, TimeoutError) as exc:
-            # Unknown drains count as failures: at worst a command ends a little early.
-            log.warning("drains of %s unreadable (%s)", key, type(exc).__name__)
-            return 0
-        raw = (entry.value or b"0").decode()
-        return int(raw) if raw.isdigit() else 0
+        return 0 if self._drains is None else await self._drains.count(key)
 
     async def _known_outcome(self, command_id: str) -> Outcome | None:
         assert self._results is not None
@@ -429,20 +369,13 @@ class CommandRuntime:
             return None
         return msgspec.json.decode(entry.value, type=Outcome)
 
-    async def _reply_terminal(self, job: _Job, outcome: Outcome) -> None:
+    async def _reply_terminal(self, job: Job, outcome: Outcome) -> None:
         if outcome.result is not None:
             result = outcome.result
-            await self._send(job, lambda seq: Result(**job.head(seq), result=result))
+            await job.reply(lambda seq: Result(**job.head(seq), result=result))
         else:
             error = outcome.error or Internal("no outcome").to_info()
-            await self._send(job, lambda seq: Failure(**job.head(seq), error=error))
-
-    async def _send(self, job: _Job, make: Callable[[int], msgspec.Struct]) -> None:
-        if job.reply_to is None:
-            return
-        seq = job.seq
-        job.seq += 1
-        await self._nc.publish(job.reply_to, encode(make(seq)))
+            await job.reply(lambda seq: Failure(**job.head(seq), error=error))
 
     async def _keep_alive(self) -> None:
         # One ticker for all running commands: JetStream must not redeliver work that is alive,
@@ -456,83 +389,4 @@ class CommandRuntime:
                     continue
                 with contextlib.suppress(Exception):
                     await job.msg.in_progress()
-                    await self._send(job, functools.partial(_heartbeat, job))
-
-
-def _drain_key(msg_id: str) -> str:
-    # KV keys allow letters, digits and - / _ = . only; message ids are made of those.
-    return msg_id if _KV_KEY.fullmatch(msg_id) else hashlib.sha256(msg_id.encode()).hexdigest()
-
-
-_KV_KEY = re.compile(r"[-/_=.a-zA-Z0-9]+")
-
-
-class _StoreAcks:
-    """JetStream publishes whose acknowledgements come back on one subscription.
-
-    nats-py's `js.publish` makes a request per call (a waiter task, json.loads and a
-    dataclass per acknowledgement); at one store per command that is measurable (`just
-    bench`). This is the same exchange with one future per publish and msgspec decoding.
-    """
-
-    def __init__(self, nc: Client) -> None:
-        self._nc = nc
-        self._prefix = nc.new_inbox()
-        self._tokens = itertools.count()
-        self._waiting: dict[str, asyncio.Future[bool]] = {}
-        self._sub: Subscription | None = None
-
-    async def start(self) -> None:
-        self._sub = await self._nc.subscribe(f"{self._prefix}.*", cb=self._on_ack)
-
-    async def stop(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-
-    async def publish(self, subject: str, payload: bytes, timeout: float) -> bool:
-        """True once JetStream has stored the message; False when it has not within
-        `timeout` (each try waits up to a second: a lost publish is sent again)."""
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + timeout
-        while True:
-            token = str(next(self._tokens))
-            waiter = self._waiting[token] = loop.create_future()
-            timer = loop.call_later(
-                min(1.0, max(give_up - loop.time(), 0.0)), _settle_waiter, waiter, False
-            )
-            try:
-                with contextlib.suppress(Exception):
-                    await self._nc.publish(subject, payload, reply=f"{self._prefix}.{token}")
-                if await waiter:
-                    return True
-            finally:
-                timer.cancel()
-                del self._waiting[token]
-            if loop.time() >= give_up:
-                return False
-            await asyncio.sleep(0.05)
-
-    async def _on_ack(self, msg: Msg) -> None:
-        waiter = self._waiting.get(msg.subject.rsplit(".", 1)[-1])
-        if waiter is None:
-            return
-        stored = False
-        if not (msg.headers and msg.headers.get("Status") == "503"):
-            try:
-                stored = _pub_ack.decode(msg.data).error is None
-            except msgspec.DecodeError:
-                stored = False
-        _settle_waiter(waiter, stored)
-
-
-def _settle_waiter(waiter: asyncio.Future[bool], value: bool) -> None:
-    if not waiter.done():
-        waiter.set_result(value)
-
-
-class _PubAck(msgspec.Struct):
-    error: dict[str, object] | None = None
-
-
-_pub_ack = msgspec.json.Decoder(_PubAck)
+                    await job.reply(functools.partial(heartbeat, job))

@@ -144,7 +144,8 @@ async def test_the_subscriber_reads_events_live_and_from_the_log(bus: Bus) -> No
     async with connected(bus, Role.SUBSCRIBER) as subscriber:
         live = await subscriber.client.subscribe(f"{subjects.EVENTS}.>")
         await subscriber.client.flush()
-        await EventPublisher(gateway.jetstream()).publish(started)
+        # Generous: the first publish on a busy machine also sets up the reply inbox.
+        await EventPublisher(gateway.jetstream(timeout=20)).publish(started)
         heard = await live.next_msg(timeout=5)
         logged = await subscriber.client.jetstream().get_msg(topology.EVENT_STREAM, seq=1)
         errors = subscriber.errors

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from bus.caller import _Inbox
+from bus.inbox import Inbox
 from schemas.errors import Internal, Unavailable
 from schemas.replies import Data, Heartbeat, Pong, Result
 
@@ -20,7 +20,7 @@ def _result(attempt: int, seq: int) -> Result:
     return Result(command_id="c", attempt=attempt, seq=seq, result=pong)
 
 
-async def _drain(inbox: _Inbox) -> list[object]:
+async def _drain(inbox: Inbox) -> list[object]:
     got: list[object] = []
     while True:
         chunk = await inbox.next(time.monotonic() + 1)
@@ -30,7 +30,7 @@ async def _drain(inbox: _Inbox) -> list[object]:
 
 
 async def test_heartbeats_and_repeated_chunks_are_skipped() -> None:
-    inbox = _Inbox()
+    inbox = Inbox()
     for chunk in (
         Heartbeat(command_id="c", attempt=1, seq=0),
         _data(1, 1, b"a"),
@@ -43,7 +43,7 @@ async def test_heartbeats_and_repeated_chunks_are_skipped() -> None:
 
 
 async def test_a_gap_in_the_sequence_is_an_error_not_a_silent_hole() -> None:
-    inbox = _Inbox()
+    inbox = Inbox()
     inbox.put(_data(1, 0))
     inbox.put(_data(1, 2))
     assert isinstance(await inbox.next(time.monotonic() + 1), Data)
@@ -52,7 +52,7 @@ async def test_a_gap_in_the_sequence_is_an_error_not_a_silent_hole() -> None:
 
 
 async def test_a_later_attempt_supersedes_one_that_sent_nothing_yet() -> None:
-    inbox = _Inbox()
+    inbox = Inbox()
     inbox.put(Heartbeat(command_id="c", attempt=1, seq=0))
     inbox.put(_result(2, 0))
     inbox.put(_result(1, 1))
@@ -62,7 +62,7 @@ async def test_a_later_attempt_supersedes_one_that_sent_nothing_yet() -> None:
 
 
 async def test_late_chunks_of_a_superseded_attempt_are_ignored() -> None:
-    inbox = _Inbox()
+    inbox = Inbox()
     inbox.put(Heartbeat(command_id="c", attempt=2, seq=0))
     inbox.put(_data(1, 0))
     inbox.put(_result(2, 1))
@@ -72,7 +72,7 @@ async def test_late_chunks_of_a_superseded_attempt_are_ignored() -> None:
 
 async def test_a_new_attempt_after_data_reached_the_client_is_unavailable() -> None:
     # Part of the answer is already out: a restarted attempt would repeat or splice it.
-    inbox = _Inbox()
+    inbox = Inbox()
     inbox.put(_data(1, 0))
     inbox.put(_data(2, 0))
     assert isinstance(await inbox.next(time.monotonic() + 1), Data)

@@ -1,0 +1,69 @@
+"""One delivery of a command in a worker, and what its handler may do with it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from bus.codec import encode
+from schemas.replies import Data, Heartbeat
+
+
+@dataclass(eq=False)
+class Job:
+    nc: Client
+    msg: Msg
+    key: str
+    """The message id: one run of one command (`subjects.message_id`)."""
+    command_id: str
+    run: int
+    attempt: int
+    reply_to: str | None
+    started: float = field(default_factory=time.monotonic)
+    seq: int = 0
+    task: asyncio.Task[None] | None = None
+    cancel_reason: str | None = None
+
+    def head(self, seq: int) -> dict[str, Any]:
+        return {"command_id": self.command_id, "attempt": self.attempt, "seq": seq}
+
+    async def reply(self, make: Callable[[int], msgspec.Struct]) -> None:
+        """Send the caller the next chunk, numbered in order."""
+        if self.reply_to is None:
+            return
+        seq = self.seq
+        self.seq += 1
+        await self.nc.publish(self.reply_to, encode(make(seq)))
+
+
+def heartbeat(job: Job, seq: int) -> Heartbeat:
+    return Heartbeat(**job.head(seq))
+
+
+class Context:
+    """What a handler may know and do besides returning its reply."""
+
+    def __init__(self, job: Job, *, worker_id: str, worker_kind: str) -> None:
+        self._job = job
+        self.worker_id = worker_id
+        self.worker_kind = worker_kind
+
+    @property
+    def attempt(self) -> int:
+        return self._job.attempt
+
+    @property
+    def caller_left(self) -> bool:
+        """The command is being cancelled because its caller went away (not a shutdown)."""
+        return self._job.cancel_reason is not None
+
+    async def send(self, body: bytes) -> None:
+        """Stream a piece of the answer to the caller now."""
+        await self._job.reply(lambda seq: Data(**self._job.head(seq), body=body))
