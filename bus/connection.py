@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -13,6 +12,7 @@ import nats
 from nats.aio.client import Client
 from nats.errors import AuthorizationError
 
+from bus.tasks import cancel_and_wait
 from schemas.errors import Unavailable
 
 log = logging.getLogger("gpuproxy.bus")
@@ -128,9 +128,9 @@ async def connect(
     either: list[asyncio.Future[Any]] = [attempt, refused]
     await asyncio.wait(either, timeout=connect_timeout, return_when=asyncio.FIRST_COMPLETED)
     if not attempt.done():
-        attempt.cancel()
-        with contextlib.suppress(BaseException):
-            await attempt
+        await cancel_and_wait([attempt])
+        if not attempt.cancelled():
+            attempt.exception()  # retrieved: the refusal below says what went wrong
         if refused.done():
             user = f"user {credentials.user!r}" if credentials else "no credentials"
             raise NatsRefused(f"NATS at {shown} refused {user}: authorization violation") from None

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from bus.caller import CommandCaller
 from bus.connection import connect
 from bus.events import EventPublisher
+from bus.tasks import cancel_and_wait
 from bus.topology import declare_bucket
 from gateway.accounts.ip_access import IpAccess
 from gateway.accounts.keys import ApiKeys
@@ -205,7 +206,7 @@ async def serve(
     http.should_exit = True
     await asyncio.gather(server.stop(GRACE_SECONDS), http_task, return_exceptions=True)
     if resync is not None:
-        resync.cancel()
+        await cancel_and_wait([resync])
     await checks.stop()
     await caller.stop()
     await usage.stop()

@@ -7,7 +7,6 @@ line naming the setting and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import sys
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from bus.tasks import cancel_and_wait
 from gpuproxy import settings as settings_module
 from gpuproxy import signing
 from gpuproxy.settings import Settings
@@ -222,7 +222,7 @@ async def _gateway_main(config: GatewayConfig) -> None:
     try:
         await serve(config, stop)
     finally:
-        watcher.cancel()
+        await cancel_and_wait([watcher])
 
 
 @main.command()
@@ -285,9 +285,7 @@ async def _worker_main(kind: WorkerKind, config: WorkerConfig, settings: Setting
     try:
         await app.run(log_level=logging.DEBUG)
     finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        await cancel_and_wait([watcher])
 
 
 @main.command("migrate")

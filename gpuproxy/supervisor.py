@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from bus.tasks import cancel_and_wait
 from schemas.subjects import WorkerKind
 
 PARENT_PID = "GPUPROXY_SUPERVISOR_PID"
@@ -98,9 +99,7 @@ async def supervise(
     ]
     await stopping.wait()
     say("supervisor", "stopping: gateway first, then workers drain")
-    for watcher in watchers:
-        watcher.cancel()
-    await asyncio.gather(*watchers, return_exceptions=True)
+    await cancel_and_wait(watchers)
     await children[0].stop()
     await asyncio.gather(*(child.stop() for child in children[1:]))
     return 0

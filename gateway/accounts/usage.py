@@ -10,6 +10,7 @@ import logging
 from sqlalchemy import insert, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bus.tasks import cancel_and_wait
 from gateway.accounts.tables import ApiKey, IpAccessLogRow
 from gateway.auth.gatekeeper import AccessEntry
 
@@ -89,8 +90,6 @@ class UsageRecorder:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
         with contextlib.suppress(Exception):
             await self.flush()
