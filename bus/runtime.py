@@ -25,6 +25,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
@@ -227,6 +228,10 @@ class CommandRuntime:
             log.warning("command %s: its outcome could not be stored; handed back", job.key)
             with contextlib.suppress(Exception):
                 await job.msg.nak(delay=1.0)
+        except NatsError as exc:
+            # The connection went while settling: unacked, the command comes back to a
+            # replica after the ack wait, and is answered or run again from the records.
+            log.warning("command %s: not settled (%s); JetStream redelivers", job.key, exc)
         finally:
             self._jobs.pop(job.key, None)
             assert self._consumer is not None

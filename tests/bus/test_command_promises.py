@@ -84,17 +84,22 @@ async def test_a_command_whose_workers_keep_dying_ends_dead_lettered_for_caller_
     command = Ping(command_id=uuid.uuid4().hex, message="doomed")
     async with running_caller(nc) as caller:
         call = asyncio.create_task(caller.call(WorkerKind.PROVISIONER, command, timeout=20))
+        dead: list[CommandRuntime] = []
         for _ in range(2):
             # A worker that dies mid-command: its connection goes, it never acks or naks.
             started.clear()
-            dying_nc, _runtime = await _worker(nats_url, hangs, max_deliver=2, ack_wait=0.5)
+            dying_nc, runtime = await _worker(nats_url, hangs, max_deliver=2, ack_wait=0.5)
             await asyncio.wait_for(started.wait(), 10)
             await dying_nc.close()
+            dead.append(runtime)
         async with running_worker(nats_url, {Ping: answer_ping}, max_deliver=2, ack_wait=0.5):
             with pytest.raises(Internal) as raised:
                 await asyncio.wait_for(call, 15)
             with pytest.raises(Internal):
                 await caller.call(WorkerKind.PROVISIONER, command, timeout=5)
+        for runtime in dead:
+            # What is left of the dead workers in this process: their hung handlers.
+            await runtime.stop(drain_timeout=0)
     assert "delivered 2 times" in raised.value.message
     [event] = await dead_letters(nc)
     assert (event.command_id, event.deliveries) == (command.command_id, 2)
