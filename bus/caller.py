@@ -53,6 +53,9 @@ _ACK = "a"
 PUBLISH_ATTEMPT = 1.0
 """Seconds to wait for JetStream to confirm one publish before sending it again."""
 
+NO_STREAM_PATIENCE = 5.0
+"""Seconds a publish answered "no responders" is sent again before the stream counts as gone."""
+
 
 def _not_taken() -> Exception:
     return TimeoutError("JetStream has not confirmed the publish yet")
@@ -235,21 +238,28 @@ class CommandCaller:
             )
         inbox = self._calls[token]
         ack_to = subjects.reply(self._gateway_id, f"{_ACK}{token}")
+        # "No responders" also answers while a cluster elects the stream's leader; past a
+        # few seconds it means there is no stream at all.
+        no_stream_until = min(deadline, time.monotonic() + NO_STREAM_PATIENCE)
+        pause = _Pause()
         while True:
             inbox.ack = asyncio.get_running_loop().create_future()
             await self._nc.publish(subject, payload, reply=ack_to, headers=headers)
             left = deadline - time.monotonic()
             try:
                 answer = await within(inbox.ack, min(left, PUBLISH_ATTEMPT), _not_taken)
-                break
             except TimeoutError:
                 # Lost on a connection that had just died, or JetStream busy electing a
                 # leader: the message id makes sending again safe, and a copy that did land
                 # comes back as a duplicate, answered from the results bucket.
                 if time.monotonic() >= deadline:
                     raise Unavailable("the command bus did not take the command in time") from None
-        if answer.headers and answer.headers.get("Status") == "503":
-            raise Unavailable("no command stream is there to take the command")
+                continue
+            if not (answer.headers and answer.headers.get("Status") == "503"):
+                break
+            if time.monotonic() >= no_stream_until:
+                raise Unavailable("no command stream is there to take the command")
+            await pause(no_stream_until)
         ack = pub_ack.decode(answer.data)
         if ack.error is not None:
             raise Unavailable(

@@ -1,15 +1,27 @@
 """Declaring streams, consumers and KV buckets from their `schemas.topology` specs.
 
-Every process declares what it uses at start. Declaring is idempotent: an existing stream or
-consumer is updated to the spec, so changing a spec and restarting rolls it out.
+Every process declares what it uses at start. Declaring is idempotent: an existing stream is
+updated to the spec, so changing a spec and restarting rolls it out.
+
+On a cluster a declaration can meet a moment without a leader (the cluster forming, a node
+lost, a stream just created by another process and not yet placed): the answer is a
+timeout, "no responders" or a stream not found right after it was said to exist. Those are
+asked again for up to `DECLARE_SECONDS`, so a process starting beside a busy cluster waits
+for it instead of failing its start.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -21,7 +33,12 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.errors import (
+    BadRequestError,
+    BucketNotFoundError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from nats.js.kv import KeyValue
 
 from schemas.errors import Unavailable
@@ -31,6 +48,31 @@ log = logging.getLogger("gpuproxy.bus")
 
 _CONSUMER_EXISTS = 10148
 """JetStream's error code for a create-only consumer request whose consumer exists."""
+
+
+DECLARE_SECONDS = 60.0
+
+T = TypeVar("T")
+
+
+async def _patiently(what: str, declare: Callable[[], Awaitable[T]]) -> T:
+    give_up = time.monotonic() + DECLARE_SECONDS
+    pause = 0.1
+    while True:
+        try:
+            return await declare()
+        except (
+            NotFoundError,
+            BadRequestError,
+            NatsTimeout,
+            NoRespondersError,
+            ServiceUnavailableError,
+        ) as exc:
+            if time.monotonic() + pause > give_up:
+                raise Unavailable(f"cannot declare {what}: {type(exc).__name__}") from None
+            log.info("declaring %s: %s; asking again", what, type(exc).__name__)
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 2.0)
 
 
 def _stream_config(spec: StreamSpec) -> StreamConfig:
@@ -46,6 +88,10 @@ def _stream_config(spec: StreamSpec) -> StreamConfig:
 
 
 async def declare_stream(js: JetStreamContext, spec: StreamSpec) -> None:
+    await _patiently(f"the stream {spec.name}", lambda: _declare_stream(js, spec))
+
+
+async def _declare_stream(js: JetStreamContext, spec: StreamSpec) -> None:
     config = _stream_config(spec)
     try:
         await js.stream_info(spec.name)
@@ -60,6 +106,10 @@ async def declare_stream(js: JetStreamContext, spec: StreamSpec) -> None:
 
 
 async def declare_consumer(nc: Client, spec: ConsumerSpec) -> ConsumerConfig:
+    return await _patiently(f"the consumer {spec.durable}", lambda: _declare_consumer(nc, spec))
+
+
+async def _declare_consumer(nc: Client, spec: ConsumerSpec) -> ConsumerConfig:
     """Create the durable consumer, or take the one that is there; returns its actual config.
 
     Replicas may run with different settings (a rolling change of `GPUPROXY_ACK_WAIT`); were
@@ -117,6 +167,10 @@ async def _create_only(
 
 
 async def declare_bucket(js: JetStreamContext, spec: KeyValueSpec) -> KeyValue:
+    return await _patiently(f"the bucket {spec.bucket}", lambda: _declare_bucket(js, spec))
+
+
+async def _declare_bucket(js: JetStreamContext, spec: KeyValueSpec) -> KeyValue:
     try:
         return await js.key_value(spec.bucket)
     except BucketNotFoundError:

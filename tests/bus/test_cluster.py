@@ -16,22 +16,32 @@ from schemas import topology
 from schemas.commands import Ping
 from schemas.replies import Pong
 from schemas.subjects import WorkerKind
-from tests.bus.cluster import Cluster, move_leader, running_cluster
+from tests.bus.cluster import move_leader, running_cluster
+from tests.e2e.processes import gpuproxy, parts_env
 from workers.common.ping import answer_ping
 
-CONSUMER = f"CONSUMER.%s.{topology.COMMAND_STREAM}.provisioner"
+
+def consumer(kind: WorkerKind) -> str:
+    return f"CONSUMER.%s.{topology.COMMAND_STREAM}.{kind}"
+
+
 COMMANDS = f"STREAM.%s.{topology.COMMAND_STREAM}"
 RESULTS = f"STREAM.%s.KV_{topology.RESULTS_BUCKET}"
 
 
-async def _settled(nc: Client, timeout: float = 60) -> None:
-    """Wait until the provisioner consumer holds nothing: the command was acked."""
+async def _pending(nc: Client, kind: WorkerKind) -> tuple[int, int]:
+    info = await nc.jetstream().consumer_info(topology.COMMAND_STREAM, kind, timeout=2)
+    return int(info.num_pending), int(info.num_ack_pending)
+
+
+async def _settled(
+    nc: Client, kind: WorkerKind = WorkerKind.PROVISIONER, timeout: float = 60
+) -> None:
+    """Wait until the kind's consumer holds nothing: the command was acked."""
     give_up = time.monotonic() + timeout
-    js = nc.jetstream()
     while time.monotonic() < give_up:
         try:
-            info = await js.consumer_info(topology.COMMAND_STREAM, "provisioner", timeout=2)
-            if info.num_ack_pending == 0 and info.num_pending == 0:
+            if await _pending(nc, kind) == (0, 0):
                 return
         except Exception:  # leaders being elected
             pass
@@ -46,12 +56,12 @@ async def _caller(url: str) -> tuple[Client, CommandCaller]:
     return nc, caller
 
 
-async def _place_leaders(cluster: Cluster, nc: Client) -> None:
+async def _place_leaders(nc: Client, kind: WorkerKind = WorkerKind.PROVISIONER) -> None:
     """Results bucket led by n3; command stream and consumer led elsewhere, so killing n3
     takes the results leader and nothing that the command or its ack needs."""
     await move_leader(nc, RESULTS, onto="n3")
     await move_leader(nc, COMMANDS, off="n3")
-    await move_leader(nc, CONSUMER, off="n3")
+    await move_leader(nc, consumer(kind), off="n3")
 
 
 async def test_a_finished_command_keeps_its_answer_when_the_results_leader_dies_before_it_is_stored(
@@ -76,7 +86,7 @@ async def test_a_finished_command_keeps_its_answer_when_the_results_leader_dies_
         caller_nc, caller = await _caller(cluster.node("n2").url)
         # The retry comes through another gateway, started before any node is lost.
         retry_nc, retry_caller = await _caller(cluster.node("n2").url)
-        await _place_leaders(cluster, caller_nc)
+        await _place_leaders(caller_nc)
 
         command = Ping(command_id=f"k-{uuid.uuid4().hex}", message="kept")
         first = await caller.call(WorkerKind.PROVISIONER, command, timeout=30)
@@ -84,6 +94,40 @@ async def test_a_finished_command_keeps_its_answer_when_the_results_leader_dies_
         # The worker dies right after its ack: nothing of it can still send the answer.
         await worker_nc.close()
         again = await retry_caller.call(WorkerKind.PROVISIONER, command, timeout=20)
+        for nc in (caller_nc, retry_nc):
+            await nc.close()
+    assert isinstance(first, Pong)
+    assert again == first
+
+
+async def test_a_worker_process_killed_right_after_its_ack_leaves_its_answer_for_the_retry(
+    tmp_path: Path,
+) -> None:
+    async with running_cluster(tmp_path) as cluster:
+        caller_nc, caller = await _caller(cluster.node("n2").url)
+        retry_nc, retry_caller = await _caller(cluster.node("n2").url)
+        env, _ = parts_env(
+            tmp_path, cluster.node("n1").url, GPUPROXY_STREAM_REPLICAS="3", LOG_LEVEL="warning"
+        )
+        kind = WorkerKind.BILLING
+        with gpuproxy(["worker", str(kind)], env, tmp_path / "worker.log") as worker:
+            # Answered once the process has joined its consumer.
+            await caller.call(kind, Ping(command_id=uuid.uuid4().hex), timeout=60)
+            await _place_leaders(caller_nc, kind)
+            command = Ping(command_id=f"k-{uuid.uuid4().hex}", message="kept", delay_ms=1500)
+            call = asyncio.create_task(caller.call(kind, command, timeout=60))
+            for _ in range(1500):  # until the worker holds it
+                if (await _pending(caller_nc, kind))[1]:
+                    break
+                await asyncio.sleep(0.02)
+            # The results bucket loses its leader while the worker is at the command.
+            cluster.kill("n3")
+            first = await call
+            await _settled(caller_nc, kind)
+            worker.kill()
+            worker.wait()
+        await move_leader(caller_nc, RESULTS, off="n3")  # a new leader holds what was stored
+        again = await retry_caller.call(kind, command, timeout=30)
         for nc in (caller_nc, retry_nc):
             await nc.close()
     assert isinstance(first, Pong)
