@@ -286,6 +286,8 @@ class CommandCaller:
         raise DeadlineExceeded("the earlier request with this idempotency key has not finished")
 
     async def _on_reply(self, msg: Msg) -> None:
+        if msg.reply.startswith(subjects.JS_ACK_PREFIX):
+            return  # a JetStream consumer's delivery pointed here: no worker's reply
         token = msg.subject.rsplit(".", 1)[-1]
         if token.startswith(_ACK):
             inbox = self._calls.get(token[len(_ACK) :])

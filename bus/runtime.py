@@ -191,6 +191,10 @@ class CommandRuntime:
         return True
 
     async def _on_cancel(self, msg: Msg) -> None:
+        if msg.reply.startswith(subjects.JS_ACK_PREFIX):
+            # Delivered by a JetStream consumer someone pointed here, not sent by a gateway:
+            # an event with a `command_id` would otherwise read as a cancel.
+            return
         try:
             cancel = self._cancel_decoder.decode(msg.data)
         except msgspec.DecodeError:

@@ -74,6 +74,11 @@ def parse_message_id(msg_id: str) -> tuple[str, int]:
     return msg_id, 0
 
 
+JS_ACK_PREFIX = "$JS.ACK."
+"""Starts the reply subject of every message a JetStream consumer delivers. Replies and
+cancels are sent by workers and gateways without one; a message that has one was pushed
+onto the subject by a consumer and is not what it seems."""
+
 # Headers a command carries besides `Nats-Msg-Id`.
 HEADER_MSG_ID = "Nats-Msg-Id"
 HEADER_REPLY = "Gpuproxy-Reply"

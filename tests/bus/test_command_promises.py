@@ -7,12 +7,15 @@ import uuid
 
 import pytest
 from nats.aio.client import Client
+from nats.js.api import ConsumerConfig
 
 from bus.connection import connect
+from bus.events import EventPublisher
 from bus.runtime import CommandRuntime, Context
-from schemas import topology
+from schemas import subjects, topology
 from schemas.commands import Ping
 from schemas.errors import IdempotencyKeyReused, Internal
+from schemas.events import CommandDeadLettered
 from schemas.replies import Pong
 from schemas.subjects import WorkerKind
 from tests.bus.harness import running_caller, running_worker
@@ -176,3 +179,44 @@ async def test_stop_ends_even_a_handler_that_swallows_one_cancellation(
             handed_back = await asyncio.wait_for(worker.stop(drain_timeout=0.05), 5)
         call.cancel()
     assert handed_back == 1
+
+
+async def test_an_event_pushed_onto_the_cancel_subject_by_a_consumer_cancels_nothing(
+    nats_url: str, nc: Client
+) -> None:
+    started, stopped = asyncio.Event(), asyncio.Event()
+
+    async def long(command: Ping, ctx: Context) -> Pong:
+        started.set()
+        try:
+            await asyncio.sleep(command.delay_ms / 1000)
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
+        return await answer_ping(command, ctx)
+
+    command = Ping(command_id=uuid.uuid4().hex, message="kept", delay_ms=1500)
+    async with running_worker(nats_url, {Ping: long}), running_caller(nc) as caller:
+        call = asyncio.create_task(caller.call(WorkerKind.PROVISIONER, command, timeout=10))
+        await asyncio.wait_for(started.wait(), 5)
+        js = nc.jetstream()
+        # A push consumer of the event log delivering onto the workers' cancel subject,
+        # and an event that names the running command.
+        await js.add_consumer(
+            topology.EVENT_STREAM,
+            ConsumerConfig(deliver_subject=subjects.cancel(WorkerKind.PROVISIONER)),
+        )
+        await EventPublisher(js).publish(
+            CommandDeadLettered(
+                event_id="forged",
+                occurred_at_ms=1,
+                command_id=command.command_id,
+                subject="x",
+                deliveries=1,
+                error=Internal("x").to_info(),
+            )
+        )
+        reply = await call
+    assert isinstance(reply, Pong)
+    assert reply.message == "kept"
+    assert not stopped.is_set()
