@@ -75,7 +75,7 @@ class CommandRuntime:
         max_deliver: int = 5,
         window: int = 64,
         stream_replicas: int = 1,
-        store_timeout: float = 10.0,
+        store_timeout: float = 30.0,
     ) -> None:
         self._nc = nc
         self._js = nc.jetstream()
@@ -306,7 +306,7 @@ class CommandRuntime:
             await self._reply_terminal(job, known)
             await job.msg.term()
             return True
-        tries = job.attempt - await self._drained(job.key)
+        tries = await self._tries(job, past=self._max_deliver)
         if tries > self._max_deliver:
             spent = Internal(
                 f"the command was delivered {tries - 1} times without finishing; gave up"
@@ -321,7 +321,7 @@ class CommandRuntime:
         await job.msg.term()
 
     async def _retry(self, job: Job, delay: float, error: ErrorInfo) -> None:
-        if job.attempt - await self._drained(job.key) >= self._max_deliver:
+        if await self._tries(job, past=self._max_deliver - 1) >= self._max_deliver:
             await self._dead_letter(job, error)
             return
         await job.msg.nak(delay=delay)
@@ -365,8 +365,13 @@ class CommandRuntime:
         with contextlib.suppress(Exception):
             await msg.nak()
 
-    async def _drained(self, key: str) -> int:
-        return 0 if self._drains is None else await self._drains.count(key)
+    async def _tries(self, job: Job, *, past: int) -> int:
+        """The deliveries that count against the budget: all of them but those handed back
+        by stopping workers. The drains are read only when the deliveries alone are `past`
+        the given count, so a first delivery's failure costs no read."""
+        if job.attempt <= past or self._drains is None:
+            return job.attempt
+        return job.attempt - await self._drains.count(job.key)
 
     async def _known_outcome(self, command_id: str) -> Outcome | None:
         assert self._results is not None

@@ -161,7 +161,7 @@ async def test_stop_ends_even_a_handler_that_swallows_one_cancellation(
 ) -> None:
     started = asyncio.Event()
 
-    async def stubborn(command: Ping, ctx: Context) -> Pong:
+    async def obstinate(command: Ping, ctx: Context) -> Pong:
         started.set()
         try:
             await asyncio.sleep(30)
@@ -174,7 +174,7 @@ async def test_stop_ends_even_a_handler_that_swallows_one_cancellation(
         call = asyncio.create_task(
             caller.call(WorkerKind.PROVISIONER, Ping(command_id=uuid.uuid4().hex), timeout=30)
         )
-        async with running_worker(nats_url, {Ping: stubborn}) as worker:
+        async with running_worker(nats_url, {Ping: obstinate}) as worker:
             await asyncio.wait_for(started.wait(), 5)
             handed_back = await asyncio.wait_for(worker.stop(drain_timeout=0.05), 5)
         call.cancel()
