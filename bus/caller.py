@@ -30,6 +30,7 @@ from nats.js.kv import KeyValue
 from bus.acks import pub_ack
 from bus.codec import Decoder, encode
 from bus.inbox import Inbox, within
+from bus.tasks import cancel_and_wait
 from bus.topology import declare_bucket, declare_stream
 from schemas import subjects, topology
 from schemas.commands import CommandBase, Departure, is_keyed, name_of
@@ -73,6 +74,7 @@ class CommandCaller:
         self._sub: Subscription | None = None
         self._results: KeyValue | None = None
         self._keys: KeyValue | None = None
+        self._settling: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         await declare_stream(self._js, topology.command_stream(self._replicas))
@@ -84,6 +86,7 @@ class CommandCaller:
         )
 
     async def stop(self) -> None:
+        await cancel_and_wait(list(self._settling))
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
@@ -153,10 +156,44 @@ class CommandCaller:
         self, token: str, kind: subjects.WorkerKind, command: CommandBase, finished: bool
     ) -> None:
         inbox = self._calls.pop(token)
-        if not finished and inbox.sent and _stops_when_left(command):
-            with contextlib.suppress(Exception):
-                cancel = Cancel(command_id=command.command_id, run=inbox.run)
-                await self._nc.publish(subjects.cancel(kind), encode(cancel))
+        if finished or not _stops_when_left(command):
+            return
+        if inbox.sent:
+            await self._cancel(kind, command.command_id, inbox.run)
+        elif inbox.publishing is not None:
+            # Left before JetStream confirmed the publish, yet a worker may already run it.
+            # An id without a key is this call's alone: stop it. A keyed one may be another
+            # call's command, so only JetStream's answer can say whether it is ours to stop.
+            if not is_keyed(command.command_id):
+                await self._cancel(kind, command.command_id, inbox.publishing)
+            else:
+                if inbox.ack is None or inbox.ack.cancelled():
+                    inbox.ack = asyncio.get_running_loop().create_future()
+                self._calls[token] = inbox
+                task = asyncio.create_task(self._settle(token, kind, command.command_id))
+                self._settling.add(task)
+                task.add_done_callback(self._settling.discard)
+
+    async def _settle(self, token: str, kind: subjects.WorkerKind, command_id: str) -> None:
+        """Stop a departed call's command once JetStream confirms this call's publish took it."""
+        inbox = self._calls[token]
+        run, ack_future = inbox.publishing, inbox.ack
+        assert run is not None
+        assert ack_future is not None
+        try:
+            answer = await within(ack_future, PUBLISH_ATTEMPT, _not_taken)
+            ack = pub_ack.decode(answer.data)
+        except (TimeoutError, msgspec.DecodeError):
+            return  # never confirmed: sent again by nobody, so nothing of ours runs
+        finally:
+            self._calls.pop(token, None)
+        if ack.error is None and not ack.duplicate:
+            await self._cancel(kind, command_id, run)
+
+    async def _cancel(self, kind: subjects.WorkerKind, command_id: str, run: int) -> None:
+        with contextlib.suppress(Exception):
+            cancel = Cancel(command_id=command_id, run=run)
+            await self._nc.publish(subjects.cancel(kind), encode(cancel))
 
     async def _send(
         self, kind: subjects.WorkerKind, command: CommandBase, token: str, deadline: float
@@ -242,6 +279,7 @@ class CommandCaller:
         # few seconds it means there is no stream at all.
         no_stream_until = min(deadline, time.monotonic() + NO_STREAM_PATIENCE)
         pause = _Pause()
+        inbox.publishing = run
         while True:
             inbox.ack = asyncio.get_running_loop().create_future()
             await self._nc.publish(subject, payload, reply=ack_to, headers=headers)
@@ -260,6 +298,7 @@ class CommandCaller:
             if time.monotonic() >= no_stream_until:
                 raise Unavailable("no command stream is there to take the command")
             await pause(no_stream_until)
+        inbox.publishing = None
         ack = pub_ack.decode(answer.data)
         if ack.error is not None:
             raise Unavailable(

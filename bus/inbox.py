@@ -47,7 +47,17 @@ async def within(waiter: asyncio.Future[T], seconds: float, error: Callable[[], 
 class Inbox:
     """The chunks of one call, in arrival order, checked for attempt and sequence."""
 
-    __slots__ = ("_attempt", "_chunks", "_expected", "_waiter", "ack", "run", "sent", "streamed")
+    __slots__ = (
+        "_attempt",
+        "_chunks",
+        "_expected",
+        "_waiter",
+        "ack",
+        "publishing",
+        "run",
+        "sent",
+        "streamed",
+    )
 
     def __init__(self) -> None:
         self._chunks: collections.deque[Chunk] = collections.deque()
@@ -61,6 +71,8 @@ class Inbox:
         """This call's publish is the one JetStream took (not a repeat of an earlier call's):
         only then may its departure stop the command."""
         self.run = 0
+        self.publishing: int | None = None
+        """The run whose publish JetStream has not confirmed yet: the worker may have it."""
 
     def put(self, chunk: Chunk) -> None:
         self._chunks.append(chunk)

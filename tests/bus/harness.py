@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -10,8 +11,9 @@ from nats.aio.client import Client
 
 from bus.caller import CommandCaller
 from bus.connection import connect
-from bus.runtime import CommandRuntime, Handler
-from schemas.commands import CommandBase
+from bus.runtime import CommandRuntime, Context, Handler
+from schemas.commands import CommandBase, Ping
+from schemas.replies import Pong
 from schemas.subjects import WorkerKind
 
 
@@ -51,3 +53,19 @@ async def running_caller(nc: Client) -> AsyncIterator[CommandCaller]:
         yield caller
     finally:
         await caller.stop()
+
+
+class Endless:
+    """A handler that runs until it is stopped, and tells when it started and stopped."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.stopped = asyncio.Event()
+
+    async def __call__(self, command: Ping, ctx: Context) -> Pong:
+        self.started.set()
+        try:
+            await asyncio.sleep(30)
+        finally:
+            self.stopped.set()
+        raise AssertionError("not reached")

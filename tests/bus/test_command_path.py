@@ -28,7 +28,7 @@ from schemas.errors import (
 from schemas.events import CommandDeadLettered, Event
 from schemas.replies import Chunk, Data, Failure, Pong, Result
 from schemas.subjects import WorkerKind
-from tests.bus.harness import running_caller, running_worker
+from tests.bus.harness import Endless, running_caller, running_worker
 from tests.conftest import free_port
 from workers.common.ping import answer_ping
 
@@ -217,21 +217,12 @@ async def test_keep_alives_stop_jetstream_redelivering_long_work(nats_url: str, 
 async def test_a_caller_that_goes_away_cancels_the_running_command(
     nats_url: str, nc: Client
 ) -> None:
-    started, stopped = asyncio.Event(), asyncio.Event()
-
-    async def endless(command: Ping, ctx: Context) -> Pong:
-        started.set()
-        try:
-            await asyncio.sleep(30)
-        finally:
-            stopped.set()
-        raise AssertionError("not reached")
-
+    endless = Endless()
     async with running_worker(nats_url, {Ping: endless}), running_caller(nc) as caller:
         call = asyncio.create_task(caller.call(WorkerKind.PROVISIONER, ping(), timeout=30))
-        await asyncio.wait_for(started.wait(), 5)
+        await asyncio.wait_for(endless.started.wait(), 5)
         call.cancel()
-        await asyncio.wait_for(stopped.wait(), 5)
+        await asyncio.wait_for(endless.stopped.wait(), 5)
     with pytest.raises(asyncio.CancelledError):
         await call
 

@@ -7,8 +7,10 @@ import uuid
 
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig
 
+from bus.caller import CommandCaller
 from bus.connection import connect
 from bus.events import EventPublisher
 from bus.runtime import CommandRuntime, Context
@@ -18,7 +20,7 @@ from schemas.errors import IdempotencyKeyReused, Internal
 from schemas.events import CommandDeadLettered
 from schemas.replies import Pong
 from schemas.subjects import WorkerKind
-from tests.bus.harness import running_caller, running_worker
+from tests.bus.harness import Endless, running_caller, running_worker
 from tests.bus.test_command_path import dead_letters
 from workers.common.ping import answer_ping
 
@@ -220,3 +222,39 @@ async def test_an_event_pushed_onto_the_cancel_subject_by_a_consumer_cancels_not
     assert isinstance(reply, Pong)
     assert reply.message == "kept"
     assert not stopped.is_set()
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["without-key", "with-key"])
+async def test_a_caller_that_leaves_before_its_publish_is_confirmed_still_stops_the_command(
+    nats_url: str, nc: Client, keyed: bool
+) -> None:
+    # JetStream's confirmation is held back until the caller has left, as on a busy machine
+    # where the worker starts the command before the gateway reads the PubAck.
+    endless = Endless()
+    held: list[Msg] = []
+    holding = True
+    caller = CommandCaller(nc, gateway_id=f"gw-{uuid.uuid4().hex[:6]}")
+    deliver = caller._on_reply
+
+    async def holding_acks(msg: Msg) -> None:
+        if holding and msg.subject.rsplit(".", 1)[-1].startswith("a"):
+            held.append(msg)
+        else:
+            await deliver(msg)
+
+    caller._on_reply = holding_acks  # type: ignore[method-assign]
+    await caller.start()
+    command = keyed_ping(uuid.uuid4().hex) if keyed else Ping(command_id=uuid.uuid4().hex)
+    try:
+        async with running_worker(nats_url, {Ping: endless}):
+            call = asyncio.create_task(caller.call(WorkerKind.PROVISIONER, command, timeout=30))
+            await asyncio.wait_for(endless.started.wait(), 5)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            holding = False
+            for msg in held:
+                await deliver(msg)
+            await asyncio.wait_for(endless.stopped.wait(), 5)
+    finally:
+        await caller.stop()
