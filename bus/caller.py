@@ -16,7 +16,7 @@ import contextlib
 import hashlib
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import TypeVar
 
 import msgspec
@@ -29,6 +29,7 @@ from nats.js.kv import KeyValue
 
 from bus.acks import pub_ack
 from bus.codec import Decoder, encode
+from bus.frames import is_data_frame, read_data_frame
 from bus.inbox import Inbox, within
 from bus.tasks import cancel_and_wait
 from bus.topology import declare_bucket, declare_stream
@@ -36,6 +37,7 @@ from schemas import subjects, topology
 from schemas.commands import CommandBase, Departure, is_keyed, name_of
 from schemas.control import Cancel
 from schemas.errors import (
+    Cancelled,
     DeadlineExceeded,
     IdempotencyKeyReused,
     Internal,
@@ -117,12 +119,18 @@ class CommandCaller:
             await self._close(token, kind, command, finished)
 
     async def stream(
-        self, kind: subjects.WorkerKind, command: CommandBase, *, timeout: float
-    ) -> AsyncIterator[Data | Result]:
+        self,
+        kind: subjects.WorkerKind,
+        command: CommandBase,
+        *,
+        timeout: float,
+        silence: float = 0.0,
+    ) -> AsyncGenerator[Data | Result, None]:
         """Send a command and yield its streamed pieces, ending with the `Result`.
 
         A worker's failure is raised as the matching `GpuproxyError`. Leaving the loop before
-        the end (the client went away) tells the worker to stop.
+        the end (the client went away) tells the worker to stop. With `silence`, a worker
+        that goes quiet that long after streaming began ends the call (see `Inbox.next`).
         """
         deadline = time.monotonic() + timeout
         token, inbox = self._open()
@@ -136,7 +144,7 @@ class CommandCaller:
                 )
                 return
             while True:
-                chunk = await inbox.next(deadline)
+                chunk = await inbox.next(deadline, silence)
                 if isinstance(chunk, Failure):
                     finished = True
                     raise error_from_info(chunk.error)
@@ -160,6 +168,8 @@ class CommandCaller:
             return
         if inbox.sent:
             await self._cancel(kind, command.command_id, inbox.run)
+            if inbox.streamed:
+                await self._mark_stopped(command.command_id, inbox.run)
         elif inbox.publishing is not None:
             # Left before JetStream confirmed the publish, yet a worker may already run it.
             # An id without a key is this call's alone: stop it. A keyed one may be another
@@ -173,6 +183,20 @@ class CommandCaller:
                 task = asyncio.create_task(self._settle(token, kind, command.command_id))
                 self._settling.add(task)
                 task.add_done_callback(self._settling.discard)
+
+    async def _mark_stopped(self, command_id: str, run: int) -> None:
+        """Part of the answer reached the client, which is gone: the run must never start
+        again. A cancel reaches only the replicas alive now; if the one running it died, the
+        redelivery would run it afresh on another and produce a second answer nobody reads.
+        Marked stopped in the results bucket, the redelivery stays stopped (unless the
+        worker stored a real outcome first: create, not put)."""
+        assert self._results is not None
+        outcome = Outcome(
+            error=Cancelled("the caller left after the answer began").to_info(),
+            stopped_run=run,
+        )
+        with contextlib.suppress(Exception):
+            await self._results.create(command_id, encode(outcome))
 
     async def _settle(self, token: str, kind: subjects.WorkerKind, command_id: str) -> None:
         """Stop a departed call's command once JetStream confirms this call's publish took it."""
@@ -336,6 +360,9 @@ class CommandCaller:
         inbox = self._calls.get(token)
         if inbox is None:
             return  # the caller has gone: a late or repeated answer
+        if is_data_frame(msg.data):
+            inbox.put(read_data_frame(msg.data))
+            return
         try:
             inbox.put(self._decoder.decode(msg.data))
         except msgspec.DecodeError:

@@ -29,6 +29,12 @@ def _no_answer() -> Exception:
     return DeadlineExceeded("no answer from a worker before the deadline")
 
 
+def _silent() -> Exception:
+    return Unavailable(
+        "the worker went silent mid-answer (no piece and no heartbeat); the answer is incomplete"
+    )
+
+
 async def within(waiter: asyncio.Future[T], seconds: float, error: Callable[[], Exception]) -> T:
     """Await `waiter` for at most `seconds`.
 
@@ -53,6 +59,7 @@ class Inbox:
         "_expected",
         "_waiter",
         "ack",
+        "heard",
         "publishing",
         "run",
         "sent",
@@ -67,6 +74,8 @@ class Inbox:
         self._attempt = 0
         self._expected = 0
         self.streamed = False
+        self.heard = 0.0
+        """When the last chunk of any kind arrived (monotonic seconds); 0: none yet."""
         self.sent = False
         """This call's publish is the one JetStream took (not a repeat of an earlier call's):
         only then may its departure stop the command."""
@@ -76,16 +85,25 @@ class Inbox:
 
     def put(self, chunk: Chunk) -> None:
         self._chunks.append(chunk)
+        self.heard = time.monotonic()
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def next(self, deadline: float) -> Data | Result | Failure:
-        """The next chunk that matters: heartbeats, repeats and superseded attempts skipped."""
+    async def next(self, deadline: float, silence: float = 0.0) -> Data | Result | Failure:
+        """The next chunk that matters: heartbeats, repeats and superseded attempts skipped.
+
+        With `silence`, once part of the answer has been streamed, a worker that sends
+        nothing (not even a heartbeat) for that long has died: the call ends then, not at
+        its deadline.
+        """
         while True:
             while not self._chunks:
                 self._waiter = asyncio.get_running_loop().create_future()
+                until, error = deadline, _no_answer
+                if silence and self.streamed and self.heard + silence < deadline:
+                    until, error = self.heard + silence, _silent
                 try:
-                    await within(self._waiter, deadline - time.monotonic(), _no_answer)
+                    await within(self._waiter, until - time.monotonic(), error)
                 finally:
                     self._waiter = None
             chunk = self._accept(self._chunks.popleft())

@@ -13,7 +13,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from bus.codec import encode
-from schemas.replies import Data, Heartbeat
+from bus.frames import data_frame
+from schemas.replies import Heartbeat
 
 
 @dataclass(eq=False)
@@ -27,6 +28,8 @@ class Job:
     attempt: int
     reply_to: str | None
     started: float = field(default_factory=time.monotonic)
+    progressed: float = field(default_factory=time.monotonic)
+    """When JetStream was last told the command is still being worked on."""
     seq: int = 0
     task: asyncio.Task[None] | None = None
     cancel_reason: str | None = None
@@ -41,6 +44,14 @@ class Job:
         seq = self.seq
         self.seq += 1
         await self.nc.publish(self.reply_to, encode(make(seq)))
+
+    async def reply_data(self, body: bytes) -> None:
+        """Send the caller the next piece of a streamed answer, as a data frame."""
+        if self.reply_to is None:
+            return
+        seq = self.seq
+        self.seq += 1
+        await self.nc.publish(self.reply_to, data_frame(self.command_id, self.attempt, seq, body))
 
 
 def heartbeat(job: Job, seq: int) -> Heartbeat:
@@ -66,4 +77,4 @@ class Context:
 
     async def send(self, body: bytes) -> None:
         """Stream a piece of the answer to the caller now."""
-        await self._job.reply(lambda seq: Data(**self._job.head(seq), body=body))
+        await self._job.reply_data(body)

@@ -59,6 +59,11 @@ log = logging.getLogger("gpuproxy.worker")
 Handler = Callable[[Any, "Context"], Awaitable[Reply]]
 
 
+PULSE_SECONDS = 1.0
+"""Between two heartbeats to the caller of a running command: a gateway streaming an answer
+takes a few of them missing for a dead worker (`Inbox.next`'s `silence`)."""
+
+
 class _StoreFailed(Exception):
     """JetStream did not confirm an outcome in time: the message must not be acked."""
 
@@ -76,8 +81,10 @@ class CommandRuntime:
         window: int = 64,
         stream_replicas: int = 1,
         store_timeout: float = 30.0,
+        pulse: float = PULSE_SECONDS,
     ) -> None:
         self._nc = nc
+        self._pulse = pulse
         self._js = nc.jetstream()
         self.kind = kind
         self.worker_id = worker_id
@@ -395,12 +402,15 @@ class CommandRuntime:
         # One ticker for all running commands: JetStream must not redeliver work that is alive,
         # and the caller wants to know the worker has not gone away.
         while True:
-            period = max(self._ack_wait / 3, 0.1)
+            progress = max(self._ack_wait / 3, 0.1)
+            period = min(self._pulse, progress)
             await asyncio.sleep(period)
             now = time.monotonic()
             for job in list(self._jobs.values()):
                 if now - job.started < period:
                     continue
                 with contextlib.suppress(Exception):
-                    await job.msg.in_progress()
+                    if now - job.progressed >= progress - period / 2:
+                        job.progressed = now
+                        await job.msg.in_progress()
                     await job.reply(functools.partial(heartbeat, job))

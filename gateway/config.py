@@ -22,6 +22,8 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
     grpc_port: int = 9090
     request_timeout: float = 30.0
     """Seconds a command may take when the client sets no deadline of its own."""
+    inference_timeout: float = 600.0
+    """Seconds an inference request (a whole stream included) may take."""
     probe_timeout: float = 2.0
     """Seconds each health check (database, streams, worker status) may take."""
     stream_replicas: int = 1

@@ -48,6 +48,44 @@ def http_answer(error: GpuproxyError) -> tuple[int, dict[str, Any]]:
     return status, {"error": body}
 
 
+OPENAI_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "invalid_request_error",
+    412: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+"""OpenAI's error `type` by HTTP status; any other status is a `server_error`."""
+
+OPENAI_PREFIX = "/v1/"
+"""Paths under it answer errors as OpenAI does, so its SDKs read them."""
+
+
+def openai_error(error: GpuproxyError) -> dict[str, Any]:
+    """An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`."""
+    status, _ = http_answer(error)
+    code = "model_not_found" if status == 404 and error.field == "model" else str(error.code)
+    return {
+        "error": {
+            "message": error.message,
+            "type": OPENAI_TYPES.get(status, "server_error"),
+            "param": error.field or None,
+            "code": code,
+        }
+    }
+
+
+def answer_for(path: str, error: GpuproxyError) -> tuple[int, dict[str, Any]]:
+    """The HTTP answer to an error on `path`: OpenAI's shape under `/v1/`, ours elsewhere."""
+    status, body = http_answer(error)
+    if path.startswith(OPENAI_PREFIX):
+        return status, openai_error(error)
+    return status, body
+
+
 def internal_answer(error_id: str) -> tuple[int, dict[str, Any]]:
     """The HTTP answer to an exception no one planned for."""
     body = {"code": str(ErrorCode.INTERNAL), "message": INTERNAL_MESSAGE, "error_id": error_id}

@@ -23,6 +23,9 @@ from gateway.gpus import requests
 from gateway.gpus.service import GpuService
 from gateway.gpus.views import instance_proto, offer_proto, reservation_proto
 from gateway.health import Health
+from gateway.inference import grpc as inference_grpc
+from gateway.inference.balancing import Balancing
+from gateway.inference.service import InferenceService
 from gateway.pb import gpuproxy_pb2 as pb
 from gateway.pb import gpuproxy_pb2_grpc as pb_grpc
 from schemas.errors import GpuproxyError, InvalidArgument, Unimplemented
@@ -80,6 +83,14 @@ class GPUProxyService(pb_grpc.GPUProxyServiceServicer):
         self._accounts = accounts
         self._config = config
         self._gpus = gpus
+        self._inference = InferenceService(caller)
+        self._balancing = Balancing(caller, config)
+
+    def _inference_timeout(self, context: Context) -> float:
+        remaining: float | None = context.time_remaining()
+        if remaining is None:
+            return self._config.inference_timeout
+        return max(min(remaining, self._config.inference_timeout), 0.001)
 
     def _timeout(self, context: Context) -> float:
         # None when the client set no deadline, whatever the stubs say.
@@ -327,25 +338,80 @@ class GPUProxyService(pb_grpc.GPUProxyServiceServicer):
     async def ProxyRequest(
         self, request: pb.ProxyRequestMessage, context: Context
     ) -> pb.ProxyResponse:
-        raise _missing("ProxyRequest", INFERENCE)
+        command = inference_grpc.command_of(
+            self._inference,
+            request,
+            principal.current(),
+            idempotency_key=self._idempotency_key(context),
+        )
+        timeout = inference_grpc.timeout_of(request, self._inference_timeout(context))
+        pieces = [
+            m async for m in inference_grpc.answer(self._inference, command, "", timeout=timeout)
+        ]
+        # A unary answer is whole: a streamed one is its pieces joined, the last one's
+        # headers (the cost) with the first one's.
+        headers = {k: v for m in pieces for k, v in m.headers.items()}
+        return pb.ProxyResponse(
+            status_code=pieces[0].status_code,
+            headers=headers,
+            body=b"".join(m.body for m in pieces),
+            done=True,
+        )
 
     # A coroutine, not a generator: grpc.aio then lets it answer through `context` alone.
     async def StreamProxyRequest(  # type: ignore[override]
         self, request_iterator: Any, context: Context
     ) -> None:
-        await _refuse(context, _missing("StreamProxyRequest", INFERENCE))
+        conversation = inference_grpc.Conversation(
+            self._inference,
+            principal.current(),
+            context,
+            timeout=self._inference_timeout(context),
+        )
+        await conversation.run(request_iterator)
 
     @answers_errors
     async def SetLoadBalancerStrategy(
         self, request: pb.SetLoadBalancerStrategyRequest, context: Context
     ) -> pb.SetLoadBalancerStrategyResponse:
-        raise _missing("SetLoadBalancerStrategy", INFERENCE)
+        who = principal.current()
+        view = await self._balancing.set(
+            who, request.strategy, owner=who.user_id, fleet_default=False
+        )
+        return pb.SetLoadBalancerStrategyResponse(strategy=view.strategy, success=True)
 
     @answers_errors
     async def GetLoadInfo(
         self, request: pb.GetLoadInfoRequest, context: Context
     ) -> pb.GetLoadInfoResponse:
-        raise _missing("GetLoadInfo", INFERENCE)
+        kind = request.type or "all"
+        if kind not in ("server", "provider", "all"):
+            raise InvalidArgument("one of server, provider or all", field="type")
+        view = await self._balancing.load(principal.current())
+        servers = [
+            pb.LoadInfo(
+                instance_id=row.instance_id,
+                provider=row.provider,
+                connections=row.in_flight,
+                avg_response_time_ms=row.avg_response_ms or 0.0,
+                load_score=row.load_score,
+            )
+            for row in view.load.instances
+        ]
+        providers = [
+            pb.LoadInfo(
+                provider=row.provider,
+                connections=row.in_flight,
+                avg_response_time_ms=row.avg_response_ms or 0.0,
+                load_score=row.load_score,
+            )
+            for row in view.load.providers
+        ]
+        return pb.GetLoadInfoResponse(
+            server_load=servers if kind != "provider" else [],
+            provider_load=providers if kind != "server" else [],
+            current_strategy=view.strategy,
+        )
 
     @answers_errors
     async def CreatePayment(

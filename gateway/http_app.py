@@ -18,13 +18,16 @@ from gateway.auth import principal
 from gateway.auth.http_guard import HttpGuard
 from gateway.auth.policy import PUBLIC, SIGNED_IN
 from gateway.config import GatewayConfig
-from gateway.errors import http_answer
+from gateway.errors import answer_for
 from gateway.gpus.http import routes as gpu_routes
 from gateway.gpus.preferences import PreferenceStore
 from gateway.gpus.service import GpuService
 from gateway.health import Health
 from gateway.http_io import body, json_response
 from gateway.http_query import only
+from gateway.inference.balancing import Balancing
+from gateway.inference.balancing import routes as balancing_routes
+from gateway.inference.http import routes as inference_routes
 from gateway.unexpected import UnexpectedHttpErrors
 from schemas.commands import Ping
 from schemas.errors import GpuproxyError
@@ -89,7 +92,7 @@ def build_app(
 
     async def on_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, GpuproxyError)
-        status, body = http_answer(exc)
+        status, body = answer_for(request.url.path, exc)
         response = json_response(status, body)
         response.headers.update(exc.headers())
         return response
@@ -106,6 +109,8 @@ def build_app(
             guard.route("/api/v1/ping", only(ping), methods=["POST"], requirement=SIGNED_IN),
             *account_routes(guard, accounts, ip_access),
             *gpu_routes(guard, gpus, preferences, accounts),
+            *inference_routes(guard, caller, config),
+            *balancing_routes(guard, Balancing(caller, config), accounts),
         ],
         exception_handlers={GpuproxyError: on_error, HTTPException: on_http_error},
         # Inside Starlette's own error middleware, which would answer a bare text 500.

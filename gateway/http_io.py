@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import http_answer
+from gateway.errors import answer_for
 from schemas.errors import InvalidArgument, PayloadTooLarge
 
 T = TypeVar("T")
@@ -84,7 +84,7 @@ class BodyLimit:
             return
         declared = _declared_length(scope)
         if declared is not None and declared > self.limit:
-            status, answer = http_answer(too_large(self.limit))
+            status, answer = answer_for(scope["path"], too_large(self.limit))
             await json_response(status, answer)(scope, receive, send)
             return
         seen = 0

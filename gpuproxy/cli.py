@@ -122,6 +122,7 @@ def up() -> None:
         settings_module.ensure_data_dir(settings.data_dir)
         # Checked (and on first run made) here, so a bad secret stops `up` before anything runs.
         signing.key_ring(os.environ, settings.data_dir, create=True)
+        signing.upstream_secret(os.environ, settings.data_dir, create=True)
         settings_module.ensure_port_free(settings.bind, settings.http_port, "SERVER_PORT")
         settings_module.ensure_port_free(settings.bind, settings.grpc_port, "GRPC_PORT")
         if settings.nats_url is None:
@@ -201,6 +202,7 @@ def gateway() -> None:
             http_port=settings.http_port,
             grpc_port=settings.grpc_port,
             request_timeout=settings.request_timeout,
+            inference_timeout=settings.inference_timeout,
             stream_replicas=settings.stream_replicas,
             log_level=settings.log_level,
             trusted_proxies=settings.trusted_proxies,
@@ -241,7 +243,7 @@ def worker(kind: str) -> None:
             nats_credentials=settings.nats_credentials,
             nats_reconnect_buffer=settings.nats_reconnect_buffer,
             worker_id=settings_module.process_id(kind),
-            ack_wait=settings.ack_wait,
+            ack_wait=settings.proxy_ack_wait if kind == WorkerKind.PROXY else settings.ack_wait,
             max_deliver=settings.max_deliver,
             window=settings.worker_window,
             drain_timeout=settings.drain_timeout,
@@ -269,6 +271,7 @@ def _provisioner_config(settings: Settings) -> ProvisionerConfig:
         reconcile_seconds=settings.reconcile_interval,
         meter_seconds=settings.meter_interval,
         lease_seconds=settings.lease_ttl,
+        upstream_secret=signing.upstream_secret(os.environ, settings.data_dir, create=False),
     )
 
 
@@ -276,11 +279,21 @@ async def _worker_main(kind: WorkerKind, config: WorkerConfig, settings: Setting
     from workers.billing.app import build as billing
     from workers.provisioner.app import build as provisioner
     from workers.proxy.app import build as proxy
+    from workers.proxy.config import ProxyConfig
 
     if kind is WorkerKind.PROVISIONER:
         app = provisioner(config, _provisioner_config(settings))
+    elif kind is WorkerKind.PROXY:
+        proxy_config = ProxyConfig(
+            prices=settings.prices,
+            upstream_allow=settings.upstream_allow,
+            request_timeout=settings.inference_timeout,
+            strategy=settings.lb_strategy,
+            upstream_secret=signing.upstream_secret(os.environ, settings.data_dir, create=False),
+        )
+        app = proxy(config, proxy_config)
     else:
-        app = {WorkerKind.PROXY: proxy, WorkerKind.BILLING: billing}[kind](config)
+        app = billing(config)
     watcher = asyncio.create_task(_watch_parent(app.exit))
     try:
         await app.run(log_level=logging.DEBUG)
@@ -376,6 +389,38 @@ def ping(target: str | None, worker_kind: str, message: str, api_key: str | None
     envvar="GPUPROXY_SIM_OWNER_PID",
     default=None,
     help="exit when this process has ended (or set GPUPROXY_SIM_OWNER_PID)",
+)
+@click.option(
+    "--api-key",
+    # VLLM_API_KEY as vLLM reads it: the provisioner starts every machine with its key there.
+    envvar=["GPUPROXY_SIM_API_KEY", "VLLM_API_KEY"],
+    default=None,
+    help="ask /v1/* for this bearer key (or set GPUPROXY_SIM_API_KEY or VLLM_API_KEY, "
+    "kept out of ps)",
+)
+@click.option(
+    "--prefill-us-per-token",
+    type=click.IntRange(min=0),
+    default=None,
+    help="prefill microseconds per prompt token not in the KV cache [default: 0]",
+)
+@click.option(
+    "--cache-blocks",
+    type=click.IntRange(min=0),
+    default=None,
+    help="KV-cache size in blocks, LRU [default: 0, no cache]",
+)
+@click.option(
+    "--block-tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="tokens per KV-cache block [default: 16]",
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=0),
+    default=None,
+    help="requests generating at once, the rest wait in order [default: 0, no limit]",
 )
 def sim_upstream(**options: Any) -> None:
     """Serve an OpenAI-compatible API with deterministic tokens: a `sim` machine."""

@@ -56,7 +56,8 @@ WORKER_BUCKETS: Mapping[WorkerKind, tuple[str, ...]] = {
         topology.LEASES_BUCKET,
         topology.STATIC_CLAIMS_BUCKET,
     ),
-    WorkerKind.PROXY: (),
+    # Reads the registry to know where inference may go.
+    WorkerKind.PROXY: (topology.INSTANCES_BUCKET, topology.BALANCING_BUCKET),
     WorkerKind.BILLING: (),
 }
 """The buckets each worker kind reads and writes besides those of every worker."""
@@ -119,14 +120,16 @@ def _worker(kind: WorkerKind) -> Permissions:
     ]
     for bucket in (*EVERY_WORKER_BUCKETS, *WORKER_BUCKETS[kind]):
         publish.extend(_bucket(bucket))
-    return Permissions(
-        publish=tuple(publish),
-        subscribe=(
-            f"{inbox_prefix(str(kind))}.>",
-            subjects.cancel(kind),
-            f"$JS.EVENT.ADVISORY.CONSUMER.*.{cmd}.{kind}",
-        ),
-    )
+    subscribe = [
+        f"{inbox_prefix(str(kind))}.>",
+        subjects.cancel(kind),
+        f"$JS.EVENT.ADVISORY.CONSUMER.*.{cmd}.{kind}",
+    ]
+    if kind is WorkerKind.PROXY:
+        # The replicas' shared load book (`workers.proxy.routing`).
+        publish.append(subjects.LOAD)
+        subscribe.append(subjects.LOAD)
+    return Permissions(publish=tuple(publish), subscribe=tuple(subscribe))
 
 
 def _gateway() -> Permissions:

@@ -13,8 +13,10 @@ import msgspec
 
 from bus.connection import RECONNECT_BUFFER_BYTES, NatsCredentials
 from gpuproxy.natsd import payload_limit
+from schemas.balancing import Strategy
 from schemas.errors import ConfigError
 from schemas.gpus import PLACEMENT_STRATEGIES, PROVIDER_ALIASES, ProviderName
+from schemas.prices import DEFAULT_PRICES, PRICES_SETTING, PriceTable, parse_prices
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -48,6 +50,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     reconcile_interval: float = 10.0
     meter_interval: float = 5.0
     lease_ttl: float = 10.0
+    prices: PriceTable = DEFAULT_PRICES
+    """Per-model token prices (`GPUPROXY_PRICES`) over the defaults for the `sim` models."""
+    upstream_allow: str = ""
+    """`GPUPROXY_UPSTREAM_ALLOW`: private networks inference may still be sent to."""
+    inference_timeout: float = 600.0
+    proxy_ack_wait: float = 5.0
+    """The proxy kind's ack wait: a request whose worker died before its first token goes to
+    another replica after this, not after the long `ack_wait` provisioning needs."""
+    lb_strategy: Strategy = Strategy.ROUND_ROBIN
+    """`LB_STRATEGY`: how the proxy picks a machine unless an account chose otherwise."""
     nats_credentials: NatsCredentials | None = None
     """NATS_USER with NATS_PASSWORD or NATS_PASSWORD_FILE; None: none, or those in NATS_URL."""
     nats_reconnect_buffer: int = RECONNECT_BUFFER_BYTES
@@ -67,6 +79,8 @@ DEFAULTS: dict[str, str] = {
     "GPUPROXY_WORKER_WINDOW": "64",
     "GPUPROXY_DRAIN_TIMEOUT": "20",
     "GPUPROXY_REQUEST_TIMEOUT": "30",
+    "GPUPROXY_INFERENCE_TIMEOUT": "600",
+    "GPUPROXY_PROXY_ACK_WAIT": "5",
     "GPUPROXY_AUTH_ATTEMPTS_PER_MINUTE": "60",
     "GPUPROXY_MAX_BODY_BYTES": str(16 * 1024 * 1024),
     "GPUPROXY_SIM_OWNER_PID": "0",
@@ -212,6 +226,15 @@ def _placement(env: Mapping[str, str]) -> str:
     return raw
 
 
+def _lb_strategy(env: Mapping[str, str]) -> Strategy:
+    raw = env.get("LB_STRATEGY", "").strip().lower() or Strategy.ROUND_ROBIN
+    try:
+        return Strategy(raw)
+    except ValueError:
+        names = ", ".join(Strategy)
+        raise ConfigError(f"must be one of {names}", field="LB_STRATEGY") from None
+
+
 def load(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     data_dir = Path(env.get("GPUPROXY_DATA_DIR", DEFAULTS["GPUPROXY_DATA_DIR"])).absolute()
@@ -250,6 +273,11 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         reconcile_interval=_seconds(env, "GPUPROXY_RECONCILE_INTERVAL", 0.1, 3600),
         meter_interval=_seconds(env, "GPUPROXY_METER_INTERVAL", 0.1, 60),
         lease_ttl=_seconds(env, "GPUPROXY_LEASE_TTL", 1, 600),
+        prices=parse_prices(env.get(PRICES_SETTING, "")),
+        upstream_allow=env.get("GPUPROXY_UPSTREAM_ALLOW", "").strip(),
+        inference_timeout=_seconds(env, "GPUPROXY_INFERENCE_TIMEOUT", 1, 86400),
+        proxy_ack_wait=_seconds(env, "GPUPROXY_PROXY_ACK_WAIT", 0.5, 3600),
+        lb_strategy=_lb_strategy(env),
         nats_credentials=_nats_credentials(env),
         nats_reconnect_buffer=_int(env, "GPUPROXY_NATS_RECONNECT_BUFFER_BYTES", 1024 * 1024, 2**30),
     )

@@ -51,8 +51,8 @@ def _until(env: Mapping[str, str]) -> float:
         ) from None
 
 
-def _embedded_secret(data_dir: Path, *, create: bool) -> bytes | None:
-    path = data_dir / SECRET_FILE
+def _embedded_secret(data_dir: Path, *, create: bool, name: str = SECRET_FILE) -> bytes | None:
+    path = data_dir / name
     if path.exists():
         return path.read_bytes().strip()
     if not create:
@@ -63,6 +63,20 @@ def _embedded_secret(data_dir: Path, *, create: bool) -> bytes | None:
     with os.fdopen(descriptor, "wb") as file:
         file.write(secret)
     return secret
+
+
+UPSTREAM_SECRET_FILE = "upstream.secret"  # noqa: S105 - a file name, not a secret
+
+
+def upstream_secret(env: Mapping[str, str], data_dir: Path, *, create: bool) -> bytes | None:
+    """The secret machines' API keys derive from: `GPUPROXY_UPSTREAM_SECRET`, or a file in the
+    data folder that `up` makes once. None: machines are started without a key."""
+    given = env.get("GPUPROXY_UPSTREAM_SECRET", "").strip().encode()
+    if given:
+        if len(given) < 32:
+            raise ConfigError("at least 32 random characters", field="GPUPROXY_UPSTREAM_SECRET")
+        return given
+    return _embedded_secret(data_dir, create=create, name=UPSTREAM_SECRET_FILE)
 
 
 def key_ring(env: Mapping[str, str], data_dir: Path, *, create: bool) -> KeyRing:

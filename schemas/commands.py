@@ -14,6 +14,7 @@ import msgspec
 
 from schemas import SCHEMA_VERSION
 from schemas.gpus import LaunchSpec, OfferQuery, ProviderName
+from schemas.inference import MODEL_NAME, Api
 
 MAX_PING_DELAY_MS = 60_000
 
@@ -174,7 +175,56 @@ ProvisionerCommand = (
     | ReleaseReservation
 )
 
-Command = Ping | ProvisionerCommand
+
+class Inference(CommandBase, frozen=True, kw_only=True, tag="inference"):
+    """One inference request. Stopped when its caller leaves (the default departure): a
+    request nobody waits for must not keep a GPU busy."""
+
+    api: Api
+    model: MODEL_NAME = ""
+    """The model asked for; empty when `instance_id` names the machine."""
+    instance_id: str = ""
+    """Set when the caller named one machine (`instance://<id>`): only it may serve."""
+    body: msgspec.Raw
+    """The client's JSON object, as sent."""
+    stream: bool = False
+    session_key: str = ""
+    """Keeps a conversation on one machine under `session_affinity` (the `user` field or
+    an `x-session-id` header); empty: the actor."""
+
+
+class ListModels(CommandBase, frozen=True, kw_only=True, tag="models_list"):
+    """The models the actor can reach right now."""
+
+
+class SetStrategy(CommandBase, frozen=True, kw_only=True, tag="strategy_set"):
+    """Choose how the proxy picks machines: for one account, or (admins) the default of
+    every account that chose none."""
+
+    on_caller_left: ClassVar[Departure] = Departure.FINISH
+
+    strategy: str
+    owner: str = ""
+    """Whose strategy; empty with `fleet_default`."""
+    fleet_default: bool = False
+
+
+class GetStrategy(CommandBase, frozen=True, kw_only=True, tag="strategy_get"):
+    owner: str
+
+
+class GetLoad(CommandBase, frozen=True, kw_only=True, tag="load_info"):
+    """The shared load book, as far as the actor may see it."""
+
+    instance_id: str = ""
+    """Only this machine; empty: every machine the actor can reach."""
+    owner: str = ""
+    """Whose strategy is reported alongside."""
+
+
+ProxyCommand = Inference | ListModels | SetStrategy | GetStrategy | GetLoad
+
+Command = Ping | ProvisionerCommand | ProxyCommand
 """Every command; grows as worker kinds learn more."""
 
 

@@ -6,6 +6,7 @@ import msgspec
 
 from schemas import SCHEMA_VERSION, subjects
 from schemas.errors import ErrorInfo
+from schemas.inference import Api, Usage
 
 
 class EventBase(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
@@ -148,6 +149,28 @@ class GpuTimeUsed(EventBase, frozen=True, kw_only=True, tag="usage.gpu_time"):
     final: bool = False
 
 
+class InferenceUsed(EventBase, frozen=True, kw_only=True, tag="usage.inference"):
+    """The tokens one inference request produced and delivered, priced: one event per
+    request whatever its end, with the id `inference-<command id>`, so a repeat is
+    harmless."""
+
+    command_id: str
+    owner: str
+    model: str
+    instance_id: str
+    provider: str
+    api: Api
+    usage: Usage
+    price_input_micros: int
+    """The prices in force, micro-units per million tokens."""
+    price_cached_input_micros: int
+    price_output_micros: int
+    cost_micros: int
+    outcome: str
+    """`completed`, `failed` or `cancelled` (the client left)."""
+    streamed: bool
+
+
 Event = (
     WorkerStarted
     | WorkerStopped
@@ -163,6 +186,7 @@ Event = (
     | ReservationTransitioned
     | ReservationRenewed
     | GpuTimeUsed
+    | InferenceUsed
 )
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import msgspec
 
 from schemas import SCHEMA_VERSION
+from schemas.balancing import LoadInfo
 from schemas.errors import ErrorInfo
 from schemas.gpus import GpuOffer, Instance, ProviderName, Reservation
+from schemas.inference import InferenceDone, ModelList
 
 
 class Pong(msgspec.Struct, frozen=True, kw_only=True, tag="pong"):
@@ -64,6 +66,19 @@ class ReservationList(msgspec.Struct, frozen=True, kw_only=True, tag="reservatio
     reservations: list[Reservation]
 
 
+class StrategyView(msgspec.Struct, frozen=True, kw_only=True, tag="strategy"):
+    strategy: str
+    source: str
+    """`account` (chosen for it), `default` (an admin's choice for all) or `setting`
+    (`LB_STRATEGY`)."""
+
+
+class LoadView(msgspec.Struct, frozen=True, kw_only=True, tag="load"):
+    load: LoadInfo
+    strategy: str
+    """The strategy in force for the account asked about."""
+
+
 Reply = (
     Pong
     | OfferList
@@ -73,6 +88,10 @@ Reply = (
     | BatchCreated
     | ReservationView
     | ReservationList
+    | InferenceDone
+    | ModelList
+    | StrategyView
+    | LoadView
 )
 """Every terminal result."""
 

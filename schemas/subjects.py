@@ -16,6 +16,8 @@ COMMANDS = f"{PREFIX}.cmd"
 EVENTS = f"{PREFIX}.evt"
 REPLIES = f"{PREFIX}.reply"
 CONTROL = f"{PREFIX}.ctl"
+LOAD = f"{PREFIX}.load.proxy"
+"""Core NATS: what every proxy replica routed and what came back, for the shared load book."""
 
 
 class WorkerKind(enum.StrEnum):

@@ -58,6 +58,8 @@ ENDED_SESSIONS_BUCKET = "gpuproxy-ended-sessions"
 RATE_BUCKET = "gpuproxy-rate"
 """Requests taken per credential per minute, shared by all gateway replicas."""
 STATIC_CLAIMS_BUCKET = "gpuproxy-static-claims"
+BALANCING_BUCKET = "gpuproxy-balancing"
+"""Load-balancing strategies: `default` (set by an admin) and `user.<id>` per account."""
 """Which bring-your-own endpoints are rented, by endpoint name: a claim is one instance."""
 
 INSTANCES_BUCKET = "gpuproxy-instances"
@@ -177,3 +179,7 @@ def workers_bucket(replicas: int = 1, heartbeat_seconds: float = HEARTBEAT_SECON
 def static_claims_bucket(replicas: int = 1) -> KeyValueSpec:
     # A claim lasts until its instance is destroyed, however long that is.
     return KeyValueSpec(bucket=STATIC_CLAIMS_BUCKET, ttl_seconds=0.0, replicas=replicas)
+
+
+def balancing_bucket(replicas: int = 1) -> KeyValueSpec:
+    return KeyValueSpec(bucket=BALANCING_BUCKET, ttl_seconds=0.0, replicas=replicas)

@@ -85,7 +85,13 @@ def generate(model: str, prompt: str, max_tokens: int, seed: int | None = None) 
     return [word if i == 0 else f" {word}" for i, word in enumerate(words)]
 
 
+def split_prompt(prompt: str) -> list[str]:
+    """A prompt's tokens: its whitespace-separated words (what the KV-cache model cuts into
+    blocks)."""
+    return prompt.split()
+
+
 def count_prompt_tokens(prompt: str) -> int:
     """A prompt's size in tokens: its whitespace-separated words, at least one (a real
     tokenizer always adds some)."""
-    return max(1, len(prompt.split()))
+    return max(1, len(split_prompt(prompt)))

@@ -6,63 +6,64 @@ call directly. It answers like OpenAI (and vLLM) do:
 - `GET /v1/models`, `GET /health`;
 - `POST /v1/chat/completions` and `POST /v1/completions`, whole or streamed as server-sent
   events (`"stream": true`), with a usage chunk when `stream_options.include_usage` is set;
+- `POST /v1/responses`, the Responses API without storage (`simulator.response`);
+- `POST /v1/embeddings`, deterministic unit vectors (`simulator.embedding`);
 - 400 with an OpenAI error body naming the field for a bad request; 404 `model_not_found`
   for a model other than the one it serves, as OpenAI answers (a missing `model` means the
   served one, as vLLM allows). One choice per request: `n`, `stop`, `logprobs`,
   `temperature` and the like are accepted and ignored.
 
+With `api_key` set, `/v1/*` wants `Authorization: Bearer <key>` (`simulator.api_key`).
+`GET /sim/stats` is the simulator's own window on what it has seen (`simulator.stats`).
+
 Latency and failures are server options, and per request the headers `x-sim-ttft-ms`,
 `x-sim-token-delay-ms` and `x-sim-fail` (a mode, or `none` to spare this request from the
 server's mode) override them. Failure modes (`FailMode`) apply to inference calls only:
 `/v1/models` and `/health` always answer, so a failing machine still looks ready, which is
-exactly the machine a proxy must survive.
+exactly the machine a proxy must survive. Embeddings have no tokens to stream, so `cut` and
+`die` treat them as whole answers: half the body, then the cut or the death.
+
+Time to first token is `ttft_ms`, plus `prefill_us_per_token` for each prompt token the KV
+cache (`simulator.cache`) does not hold, plus any wait for a batch slot (`max_batch`).
+An embeddings request is a prefill without cache: `ttft_ms` plus every token's prefill.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import math
 import os
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal, NoReturn
+from typing import Annotated, Any
 
 import msgspec
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
-from simulator import tokens
+from simulator import embedding, tokens
+from simulator.api_key import ApiKeyGate
+from simulator.cache import PrefixCache
+from simulator.errors import ApiError, overloaded
+from simulator.failure import EXIT_DIED as EXIT_DIED
+from simulator.failure import FailMode, PartialResponse, QuietCuts, break_off
+from simulator.job import Job, Kind, embedding_job_of, job_of
 from simulator.market import process_alive
+from simulator.reply import Reply, Shape, Usage
+from simulator.response import ResponseReply
+from simulator.stats import Outcome, Stats, Visit
+from simulator.stream import Emit, EventStream, watching
 
 DEFAULT_MODEL = "sim-llama-3-8b"
-DEFAULT_MAX_TOKENS = 16
-MAX_TOKENS_CAP = 4096
-"""Larger `max_tokens` is refused (400), as a real server refuses more than its context."""
-
-EXIT_DIED = 3
-"""Exit status of a machine that died on purpose (`FailMode.DIE`)."""
 
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
-
-
-class FailMode(enum.StrEnum):
-    REFUSE = "refuse"
-    """Answer 503 with an OpenAI error body."""
-    SLOW = "slow"
-    """Wait `slow_ms` more before answering (a stuck or overloaded machine)."""
-    CUT = "cut"
-    """Send `fail_after` tokens, then drop the connection: no final chunk, no `[DONE]`."""
-    DIE = "die"
-    """Send `fail_after` tokens, then the whole process exits at once: the machine died."""
 
 
 class UpstreamOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -86,6 +87,23 @@ class UpstreamOptions(msgspec.Struct, frozen=True, kw_only=True):
     """Exit at once with status 1: a failed boot."""
     owner_pid: int = 0
     """Exit when this process has ended (checked every second); 0: never."""
+    api_key: str = ""
+    """The key `/v1/*` asks for as `Authorization: Bearer <key>`; empty: none asked."""
+    prefill_us_per_token: NonNegative = 0
+    """Microseconds of prefill for each prompt token the KV cache does not hold."""
+    cache_blocks: NonNegative = 0
+    """Blocks the KV cache holds (least recently used go first); 0: no cache."""
+    block_tokens: Annotated[int, msgspec.Meta(ge=1)] = 16
+    """Tokens in a KV-cache block."""
+    max_batch: NonNegative = 0
+    """Inference requests generating at once; more wait their turn in order. 0: no limit."""
+
+    def __repr__(self) -> str:
+        # The key must not reach a log through a printed options object.
+        fields = {name: getattr(self, name) for name in self.__struct_fields__}
+        if self.api_key:
+            fields["api_key"] = "***"
+        return "UpstreamOptions(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
 
 
 class Behaviour(msgspec.Struct, frozen=True):
@@ -96,184 +114,17 @@ class Behaviour(msgspec.Struct, frozen=True):
     fail: FailMode | None
 
 
-class Job(msgspec.Struct, frozen=True, kw_only=True):
-    """One inference request, checked."""
-
-    kind: Literal["chat", "text"]
-    prompt: str
-    max_tokens: int
-    seed: int | None
-    stream: bool
-    include_usage: bool
-
-
-class ApiError(Exception):
-    """Answered as OpenAI does: `{"error": {"message", "type", "param", "code"}}`."""
-
-    def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-
-    def response(self) -> JSONResponse:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        body = {
-            "error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}
-        }
-        headers = {"retry-after": "1"} if self.status == 503 else None
-        return JSONResponse(body, status_code=self.status, headers=headers)
-
-
-class ConnectionCut(Exception):
-    """Raised mid-answer: the server closes the connection without finishing it."""
-
-
-def _is_cut(exc: BaseException | None) -> bool:
-    if isinstance(exc, BaseExceptionGroup):
-        return all(_is_cut(inner) for inner in exc.exceptions)
-    return isinstance(exc, ConnectionCut)
-
-
-class _QuietCuts(logging.Filter):
-    """A cut is on purpose: keep uvicorn from logging it as a crash."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and _is_cut(record.exc_info[1]))
-
-
-def _sse(payload: dict[str, Any]) -> bytes:
-    return b"data: " + msgspec.json.encode(payload) + b"\n\n"
-
-
-def _die() -> NoReturn:
-    sys.stderr.write("sim-upstream: died on purpose (fail mode 'die')\n")
-    sys.stderr.flush()
-    os._exit(EXIT_DIED)
-
-
-async def _break(fail: FailMode) -> None:
-    """End the answer the way `fail` says; called after the tokens it lets through."""
-    # A moment for the event loop to hand what was sent to the kernel.
-    await asyncio.sleep(0.05)
-    if fail is FailMode.DIE:
-        _die()
-    raise ConnectionCut
-
-
-class PartialResponse(Response):
-    """A whole answer announced by its Content-Length, of which only the first half is sent
-    before `fail` strikes."""
-
-    def __init__(self, content: bytes, fail: FailMode) -> None:
-        super().__init__(content, media_type="application/json")
-        self.fail = fail
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        half = self.body[: len(self.body) // 2]
-        await send({"type": "http.response.body", "body": half, "more_body": True})
-        await _break(self.fail)
-
-
-def _int_field(body: dict[str, Any], name: str, default: int | None) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ApiError(400, f"Invalid type for '{name}': expected an integer.", param=name)
-    return value
-
-
-def _text_of(content: Any, where: str) -> str:
-    """The text of a message's content: a string, or a list of parts of which the `text`
-    ones count (images and audio add nothing to a simulated answer)."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list):
-        return "\n".join(
-            part["text"]
-            for part in content
-            if isinstance(part, dict) and isinstance(part.get("text"), str)
-        )
-    raise ApiError(400, f"Invalid type for '{where}': expected a string or an array.", param=where)
-
-
-def _prompt_of(kind: Literal["chat", "text"], body: dict[str, Any]) -> str:
-    field = "messages" if kind == "chat" else "prompt"
-    if body.get(field) is None:
-        raise ApiError(
-            400,
-            f"Missing required parameter: '{field}'.",
-            param=field,
-            code="missing_required_parameter",
-        )
-    value = body[field]
-    if kind == "text":
-        if isinstance(value, list) and len(value) == 1:
-            value = value[0]
-        if not isinstance(value, str):
-            raise ApiError(
-                400, "Invalid 'prompt': expected a string (one prompt per request).", param=field
-            )
-        return value
-    if not isinstance(value, list) or not value:
-        raise ApiError(400, "Invalid 'messages': expected a non-empty array.", param=field)
-    texts = []
-    for index, message in enumerate(value):
-        where = f"messages[{index}]"
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise ApiError(400, f"Invalid '{where}': expected an object with a role.", param=where)
-        texts.append(_text_of(message.get("content"), f"{where}.content"))
-    return "\n".join(texts)
-
-
-def _job_of(kind: Literal["chat", "text"], body: dict[str, Any]) -> Job:
-    prompt = _prompt_of(kind, body)
-    # Chat's newer name wins over the older one, as at OpenAI.
-    newer = kind == "chat" and body.get("max_completion_tokens") is not None
-    limit = "max_completion_tokens" if newer else "max_tokens"
-    max_tokens = _int_field(body, limit, DEFAULT_MAX_TOKENS)
-    assert max_tokens is not None
-    if not 1 <= max_tokens <= MAX_TOKENS_CAP:
-        raise ApiError(
-            400,
-            f"Invalid '{limit}': {max_tokens}; this model answers 1 to {MAX_TOKENS_CAP} tokens.",
-            param=limit,
-        )
-    stream = body.get("stream") or False
-    if not isinstance(stream, bool):
-        raise ApiError(400, "Invalid type for 'stream': expected a boolean.", param="stream")
-    stream_options = body.get("stream_options")
-    if stream_options is not None and not stream:
-        raise ApiError(
-            400,
-            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
-            param="stream_options",
-        )
-    if stream_options is not None and not isinstance(stream_options, dict):
-        raise ApiError(
-            400, "Invalid type for 'stream_options': expected an object.", param="stream_options"
-        )
-    return Job(
-        kind=kind,
-        prompt=prompt,
-        max_tokens=max_tokens,
-        seed=_int_field(body, "seed", None),
-        stream=stream,
-        include_usage=bool((stream_options or {}).get("include_usage")),
-    )
-
-
 class Upstream:
-    """The endpoints of one server, with the state its fail rate counts on."""
+    """The endpoints of one server, with the state its fail rate, KV cache, batch limit and
+    stats count on."""
 
     def __init__(self, options: UpstreamOptions) -> None:
         self.options = options
         self.started = int(time.time())
+        self.stats = Stats()
+        self.cache = PrefixCache(options.cache_blocks, options.block_tokens)
+        # FIFO: asyncio's semaphore wakes its waiters in the order they came.
+        self._batch = asyncio.Semaphore(options.max_batch) if options.max_batch else None
         self._counted = 0
 
     def app(self) -> Starlette:
@@ -284,15 +135,22 @@ class Upstream:
         return Starlette(
             routes=[
                 Route("/health", self.health, methods=["GET"]),
+                Route("/sim/stats", self.sim_stats, methods=["GET"]),
                 Route("/v1/models", self.models, methods=["GET"]),
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
                 Route("/v1/completions", self.text, methods=["POST"]),
+                Route("/v1/responses", self.responses, methods=["POST"]),
+                Route("/v1/embeddings", self.embeddings, methods=["POST"]),
             ],
+            middleware=[Middleware(ApiKeyGate, key=self.options.api_key)],
             exception_handlers={ApiError: api_error},
         )
 
     async def health(self, _: Request) -> Response:
         return JSONResponse({"status": "ok", "model": self.options.model})
+
+    async def sim_stats(self, _: Request) -> Response:
+        return JSONResponse(self.stats.snapshot())
 
     async def models(self, _: Request) -> Response:
         model = {
@@ -304,62 +162,137 @@ class Upstream:
         return JSONResponse({"object": "list", "data": [model]})
 
     async def chat(self, request: Request) -> Response:
-        return await self._answer("chat", request)
+        return await self._generate("chat", request)
 
     async def text(self, request: Request) -> Response:
-        return await self._answer("text", request)
+        return await self._generate("text", request)
 
-    async def _answer(self, kind: Literal["chat", "text"], request: Request) -> Response:
-        body = await self._body(request)
-        job = _job_of(kind, body)
-        behaviour = self._behaviour(request)
-        if behaviour.fail is FailMode.REFUSE:
-            raise ApiError(
-                503,
-                "The server is overloaded (simulated); retry later or elsewhere.",
-                code="service_unavailable",
+    async def responses(self, request: Request) -> Response:
+        return await self._generate("response", request)
+
+    async def embeddings(self, request: Request) -> Response:
+        visit = self.stats.arrive()
+        try:
+            job = embedding_job_of(await self._body(request))
+            behaviour = self._behaviour(request)
+            if not await self._strike(request, behaviour):
+                return self._gone(visit)
+            used = embedding.prompt_tokens(job)
+            async with watching(request.receive) as watch, self._slot():
+                self.stats.prefilled(used, 0)
+                await asyncio.sleep(behaviour.ttft + self._prefill_seconds(used))
+            if watch.gone:
+                return self._gone(visit)
+            return self._whole(embedding.body(job, self.options.model), behaviour, visit)
+        except BaseException:
+            visit.end(Outcome.FAILED)
+            raise
+
+    async def _generate(self, kind: Kind, request: Request) -> Response:
+        visit = self.stats.arrive()
+        try:
+            job = job_of(kind, await self._body(request))
+            behaviour = self._behaviour(request)
+            if not await self._strike(request, behaviour):
+                return self._gone(visit)
+            answer = tokens.generate(self.options.model, job.prompt, job.max_tokens, job.seed)
+            shape = self._shape(job, finish="length" if len(answer) == job.max_tokens else "stop")
+            if job.stream:
+
+                async def produce(emit: Emit) -> None:
+                    await self._stream(emit, job, answer, shape, behaviour)
+
+                # The stream ends the visit, when it ends.
+                return EventStream(produce, visit)
+            prompt_tokens = tokens.count_prompt_tokens(job.prompt)
+            async with watching(request.receive) as watch, self._prefill(job) as cached:
+                first = behaviour.ttft + self._prefill_seconds(prompt_tokens - cached)
+                await asyncio.sleep(first + behaviour.token_delay * (len(answer) - 1))
+            if watch.gone:
+                return self._gone(visit)
+            usage = Usage(prompt_tokens, len(answer), cached)
+            return self._whole(shape.whole("".join(answer), usage), behaviour, visit)
+        except BaseException:
+            visit.end(Outcome.FAILED)
+            raise
+
+    def _shape(self, job: Job, finish: str) -> Shape:
+        if job.kind == "response":
+            return ResponseReply(
+                model=self.options.model,
+                finish=finish,
+                max_output_tokens=job.max_tokens,
+                instructions=job.instructions,
             )
-        if behaviour.fail is FailMode.SLOW:
-            await asyncio.sleep(self.options.slow_ms / 1000)
-        answer = tokens.generate(self.options.model, job.prompt, job.max_tokens, job.seed)
-        finish = "length" if len(answer) == job.max_tokens else "stop"
-        usage = {
-            "prompt_tokens": tokens.count_prompt_tokens(job.prompt),
-            "completion_tokens": len(answer),
-            "total_tokens": tokens.count_prompt_tokens(job.prompt) + len(answer),
-        }
-        reply = Reply(kind=kind, model=self.options.model, usage=usage, finish=finish)
-        if job.stream:
-            return StreamingResponse(
-                self._stream(reply, answer, behaviour, job.include_usage),
-                media_type="text/event-stream",
-                headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-            )
-        await asyncio.sleep(behaviour.ttft + behaviour.token_delay * (len(answer) - 1))
-        whole = msgspec.json.encode(reply.whole("".join(answer)))
-        if behaviour.fail in (FailMode.CUT, FailMode.DIE):
-            return PartialResponse(whole, behaviour.fail)
-        return Response(whole, media_type="application/json")
+        return Reply(
+            kind=job.kind,
+            model=self.options.model,
+            finish=finish,
+            include_usage=job.include_usage,
+            report_cached=self.options.cache_blocks > 0,
+        )
 
     async def _stream(
-        self, reply: Reply, answer: list[str], behaviour: Behaviour, include_usage: bool
-    ) -> AsyncIterator[bytes]:
-        await asyncio.sleep(behaviour.ttft)
-        if reply.kind == "chat":
-            yield _sse(reply.chunk({"role": "assistant", "content": ""}, None, include_usage))
-        for index, piece in enumerate(answer):
-            if behaviour.fail in (FailMode.CUT, FailMode.DIE) and index == self.options.fail_after:
-                break
-            if index:
-                await asyncio.sleep(behaviour.token_delay)
-            yield _sse(reply.chunk(piece, None, include_usage))
-        if behaviour.fail in (FailMode.CUT, FailMode.DIE):
-            await _break(behaviour.fail)
-        empty: dict[str, str] | str = {} if reply.kind == "chat" else ""
-        yield _sse(reply.chunk(empty, reply.finish, include_usage))
-        if include_usage:
-            yield _sse(reply.usage_chunk())
-        yield b"data: [DONE]\n\n"
+        self, emit: Emit, job: Job, answer: list[str], shape: Shape, behaviour: Behaviour
+    ) -> None:
+        for frame in shape.preamble():
+            await emit(frame)
+        prompt_tokens = tokens.count_prompt_tokens(job.prompt)
+        async with self._prefill(job) as cached:
+            await asyncio.sleep(behaviour.ttft + self._prefill_seconds(prompt_tokens - cached))
+            for frame in shape.opening():
+                await emit(frame)
+            for index, piece in enumerate(answer):
+                if behaviour.fail and behaviour.fail.breaks and index == self.options.fail_after:
+                    break
+                if index:
+                    await asyncio.sleep(behaviour.token_delay)
+                await emit(shape.piece(piece))
+            if behaviour.fail and behaviour.fail.breaks:
+                await break_off(behaviour.fail)
+            usage = Usage(prompt_tokens, len(answer), cached)
+            for frame in shape.closing("".join(answer), usage):
+                await emit(frame)
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """Hold one of `max_batch` places while generating; wait in line for it."""
+        if self._batch is None:
+            yield
+            return
+        async with self._batch:
+            yield
+
+    @contextlib.asynccontextmanager
+    async def _prefill(self, job: Job) -> AsyncIterator[int]:
+        """A batch slot for the whole generation, and the prompt tokens the KV cache holds
+        when it starts; the prompt's blocks are cached when it ends, however it ends."""
+        async with self._slot():
+            words = tokens.split_prompt(job.prompt)
+            cached = self.cache.cached_tokens(words)
+            self.stats.prefilled(tokens.count_prompt_tokens(job.prompt), cached)
+            try:
+                yield cached
+            finally:
+                self.cache.store(words)
+
+    def _prefill_seconds(self, uncached_tokens: int) -> float:
+        return self.options.prefill_us_per_token * uncached_tokens / 1_000_000
+
+    @staticmethod
+    def _whole(payload: dict[str, Any], behaviour: Behaviour, visit: Visit) -> Response:
+        body = msgspec.json.encode(payload)
+        if behaviour.fail and behaviour.fail.breaks:
+            visit.end(Outcome.FAILED)
+            return PartialResponse(body, behaviour.fail)
+        visit.end(Outcome.COMPLETED)
+        return Response(body, media_type="application/json")
+
+    @staticmethod
+    def _gone(visit: Visit) -> Response:
+        visit.end(Outcome.DISCONNECTED)
+        # Nobody is left to read it.
+        return Response(status_code=499)
 
     async def _body(self, request: Request) -> dict[str, Any]:
         try:
@@ -403,6 +336,17 @@ class Upstream:
                 ) from None
         return Behaviour(ttft / 1000, delay / 1000, fail)
 
+    async def _strike(self, request: Request, behaviour: Behaviour) -> bool:
+        """Refuse the request, or wait out `slow`, as its fail mode says; whether the client
+        is still there to answer."""
+        if behaviour.fail is FailMode.REFUSE:
+            raise overloaded()
+        if behaviour.fail is not FailMode.SLOW:
+            return True
+        async with watching(request.receive) as watch:
+            await asyncio.sleep(self.options.slow_ms / 1000)
+        return not watch.gone
+
     def _strikes(self) -> bool:
         """Whether the server's fail mode hits this request; counts requests it could hit."""
         if self.options.fail is None:
@@ -421,69 +365,6 @@ class Upstream:
                 400, f"Invalid '{name}': {raw!r}; expected milliseconds (>= 0).", param=name
             )
         return int(raw)
-
-
-class Reply(msgspec.Struct, frozen=True, kw_only=True):
-    """The parts every body of one answer shares, and the bodies built from them."""
-
-    kind: Literal["chat", "text"]
-    model: str
-    usage: dict[str, int]
-    finish: str
-    id: str = msgspec.field(default_factory=lambda: uuid.uuid4().hex)
-    created: int = msgspec.field(default_factory=lambda: int(time.time()))
-
-    def _head(self, chunk: bool) -> dict[str, Any]:
-        if self.kind == "chat":
-            kind = "chat.completion.chunk" if chunk else "chat.completion"
-            return {"id": f"chatcmpl-{self.id}", "object": kind}
-        return {"id": f"cmpl-{self.id}", "object": "text_completion"}
-
-    def whole(self, text: str) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0}
-        if self.kind == "chat":
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        choice.update(logprobs=None, finish_reason=self.finish)
-        return {
-            **self._head(chunk=False),
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-            "usage": self.usage,
-        }
-
-    def chunk(
-        self, piece: dict[str, str] | str, finish: str | None, include_usage: bool
-    ) -> dict[str, Any]:
-        """One streamed chunk: `piece` is a chat delta (a string means its content) or a
-        completion's text."""
-        choice: dict[str, Any] = {"index": 0}
-        if self.kind == "chat":
-            choice["delta"] = {"content": piece} if isinstance(piece, str) else piece
-        else:
-            choice["text"] = piece
-        choice.update(logprobs=None, finish_reason=finish)
-        chunk = {
-            **self._head(chunk=True),
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-        }
-        if include_usage:
-            # OpenAI marks every chunk but the last with "usage": null when usage is asked.
-            chunk["usage"] = None
-        return chunk
-
-    def usage_chunk(self) -> dict[str, Any]:
-        return {
-            **self._head(chunk=True),
-            "created": self.created,
-            "model": self.model,
-            "choices": [],
-            "usage": self.usage,
-        }
 
 
 async def _watch_owner(pid: int, server: uvicorn.Server, gone: asyncio.Event) -> None:
@@ -506,7 +387,7 @@ async def _main(options: UpstreamOptions) -> None:
         # A destroy or an ended owner must not wait for slow streams to finish.
         timeout_graceful_shutdown=1,
     )
-    logging.getLogger("uvicorn.error").addFilter(_QuietCuts())
+    logging.getLogger("uvicorn.error").addFilter(QuietCuts())
     server = uvicorn.Server(config)
     owner_gone = asyncio.Event()
     watcher = (

@@ -44,6 +44,12 @@ def offer_json(offer: GpuOffer) -> dict[str, Any]:
     }
 
 
+def inference_target(instance: Instance) -> str:
+    """Where a running instance is reached: at the gateway, never at the machine itself (its
+    own address answers only the proxy, with the machine's key)."""
+    return f"instance://{instance.id}" if instance.endpoint else ""
+
+
 def instance_json(instance: Instance) -> dict[str, Any]:
     return {
         "kind": "instance",
@@ -58,7 +64,7 @@ def instance_json(instance: Instance) -> dict[str, Any]:
         "num_gpus": instance.num_gpus,
         "vram_gb": instance.vram_gb,
         "location": instance.location,
-        "endpoint": instance.endpoint,
+        "endpoint": inference_target(instance),
         "price_per_hour": units(instance.price_per_hour_micros),
         "price_per_hour_micros": instance.price_per_hour_micros,
         "reservation_id": instance.reservation_id,
@@ -122,7 +128,7 @@ def instance_proto(instance: Instance) -> pb.GPUInstance:
         location=instance.location,
         kind="instance",
         reason=instance.reason,
-        endpoint=instance.endpoint,
+        endpoint=inference_target(instance),
         offer_id=instance.offer_id,
         reservation_id=instance.reservation_id,
         created_at=instance.created_at_ms // 1000,

@@ -294,7 +294,10 @@ class GPUInstance(_message.Message):
     reason: _builtins.str
     """Why an instance is in its status; always set for failed, preempted and terminated."""
     endpoint: _builtins.str
-    """Base URL of an instance's OpenAI-compatible API, once it runs."""
+    """Where a running instance serves inference: `instance://<id>`, a `target_url` of
+    ProxyRequest (over HTTP, the `x-gpuproxy-instance: <id>` header on /v1 routes). The
+    machine's own address answers only gpuproxy's proxy workers.
+    """
     offer_id: _builtins.str
     """The offer an instance was rented from."""
     reservation_id: _builtins.str
@@ -598,7 +601,11 @@ class ProxyRequestMessage(_message.Message):
     Proxying
     ---------------------------------------------------------------------------------------------
 
-    One request to forward to a GPU instance.
+    One inference request. Never forwarded to a host the caller names: `target_url` says which
+    model or machine serves it, and which OpenAI-compatible path:
+      model://<model>[/v1/chat/completions | /v1/completions | /v1/embeddings | /v1/responses]
+      instance://<instance id>[/<one of those paths>]
+    (the path defaults to /v1/chat/completions). `body` is the JSON request of that path.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -629,14 +636,21 @@ class ProxyRequestMessage(_message.Message):
     HEADERS_FIELD_NUMBER: _builtins.int
     BODY_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     protocol: _builtins.str
-    """"http", "https", "grpc", ..."""
+    """The upstream dialect: "http" or "https" (OpenAI-compatible, the default) or
+    "openinference" (the same API, named as OpenInference clients name it).
+    """
     target_url: _builtins.str
     method: _builtins.str
-    """HTTP method, e.g. "POST"."""
+    """HTTP method: "POST" (the default) for every inference path."""
     body: _builtins.bytes
     timeout: _builtins.int
     """Seconds; zero means the server default."""
+    request_id: _builtins.str
+    """On StreamProxyRequest: names the request, and every ProxyResponse of its answer carries
+    it. Requests without one are answered one after the other, in the order sent.
+    """
     @_builtins.property
     def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -648,10 +662,11 @@ class ProxyRequestMessage(_message.Message):
         headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         body: _builtins.bytes = ...,
         timeout: _builtins.int = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "headers", b"headers", "method", b"method", "protocol", b"protocol", "target_url", b"target_url", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "headers", b"headers", "method", b"method", "protocol", b"protocol", "request_id", b"request_id", "target_url", b"target_url", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -687,10 +702,16 @@ class ProxyResponse(_message.Message):
     HEADERS_FIELD_NUMBER: _builtins.int
     BODY_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
     status_code: _builtins.int
     body: _builtins.bytes
     error: _builtins.str
     """Non-empty when the request failed; never a silent success."""
+    request_id: _builtins.str
+    """The request this answers (StreamProxyRequest), as the request named it."""
+    done: _builtins.bool
+    """The last message of this request's answer."""
     @_builtins.property
     def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -700,10 +721,12 @@ class ProxyResponse(_message.Message):
         headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         body: _builtins.bytes = ...,
         error: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        done: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "error", b"error", "headers", b"headers", "status_code", b"status_code"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "done", b"done", "error", b"error", "headers", b"headers", "request_id", b"request_id", "status_code", b"status_code"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -33,6 +33,7 @@ from workers.common.config import WorkerConfig
 from workers.provisioner.app import build as provisioner
 from workers.provisioner.config import ProvisionerConfig
 from workers.proxy.app import build as proxy
+from workers.proxy.config import ProxyConfig
 
 OPERATOR_PASSWORD = "operator password 1"
 
@@ -60,12 +61,17 @@ class System(msgspec.Struct, kw_only=True):
 
 @asynccontextmanager
 async def worker_app(
-    kind: WorkerKind, nats_url: str, provisioning: ProvisionerConfig | None = None
+    kind: WorkerKind,
+    nats_url: str,
+    provisioning: ProvisionerConfig | None = None,
+    proxying: ProxyConfig | None = None,
 ) -> AsyncIterator[FastStream]:
     config = WorkerConfig(nats_url=nats_url, worker_id=f"{kind}-{uuid.uuid4().hex[:6]}")
     with tempfile.TemporaryDirectory(prefix="gpuproxy-sim-") as sim_dir:
         if kind is WorkerKind.PROVISIONER:
             app = provisioner(config, provisioning or fast_config(Path(sim_dir)), {})
+        elif kind is WorkerKind.PROXY:
+            app = proxy(config, proxying)
         else:
             app = BUILDERS[kind](config)
         await app.start()
@@ -105,6 +111,7 @@ async def running_system(
     trusted_proxies: tuple[str, ...] = (),
     auth_attempts_per_minute: int = 60,
     provisioning: ProvisionerConfig | None = None,
+    proxying: ProxyConfig | None = None,
 ) -> AsyncIterator[System]:
     """The system; with `operator`, an admin key for calls that need a credential (the
     database must then be migrated and reachable)."""
@@ -122,7 +129,7 @@ async def running_system(
     )
     async with AsyncExitStack() as stack:
         for kind in kinds:
-            await stack.enter_async_context(worker_app(kind, nats_url, provisioning))
+            await stack.enter_async_context(worker_app(kind, nats_url, provisioning, proxying))
         await stack.enter_async_context(running_gateway(config))
         if not operator:
             yield System(gateway=config)

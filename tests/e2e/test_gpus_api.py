@@ -107,12 +107,18 @@ async def test_a_reservation_over_http_serves_openai_requests_and_is_released(
     reservation = answer.json()["reservation"]
     assert reservation["state"] == "active"
     assert answer.json()["reserved_count"] == 2
-    endpoint = reservation["instances"][0]["endpoint"]
-    async with httpx.AsyncClient(timeout=10) as upstream:
-        completion = await upstream.post(
-            f"{endpoint}/v1/chat/completions",
-            json={"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4},
-        )
+    instance = reservation["instances"][0]
+    assert instance["endpoint"] == f"instance://{instance['id']}"
+    completion = await user.call(
+        "POST",
+        "/v1/chat/completions",
+        json={
+            "model": "sim-llama-3-8b",
+            "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 4,
+        },
+        headers={**user.session, "x-gpuproxy-instance": instance["id"]},
+    )
     assert completion.status_code == 200, completion.text
     assert completion.json()["usage"]["completion_tokens"] == 4
 

@@ -35,6 +35,10 @@ SERVED = {
     "ListReservations",
     "RenewReservation",
     "ReleaseReservation",
+    "ProxyRequest",
+    "StreamProxyRequest",
+    "SetLoadBalancerStrategy",
+    "GetLoadInfo",
 }
 SERVICE = pb.DESCRIPTOR.services_by_name["GPUProxyService"]
 

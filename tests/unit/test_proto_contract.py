@@ -223,6 +223,8 @@ NON_MONEY_DOUBLES: frozenset[tuple[str, str]] = frozenset(
 
 # Fields added to messages of the original contract, on numbers it never used.
 ADDED_FIELDS: dict[str, FieldTable] = {
+    "ProxyRequestMessage": {"request_id": (7, "string")},
+    "ProxyResponse": {"request_id": (5, "string"), "done": (6, "bool")},
     "CreateAPIKeyRequest": {
         "scopes": (3, "repeated string"),
         "expires_in_days": (4, "int32"),

@@ -18,6 +18,7 @@ from schemas.subjects import WorkerKind
 from workers.common.app import worker_app
 from workers.common.config import WorkerConfig
 from workers.common.ping import answer_ping
+from workers.common.upstream_keys import UpstreamKeys
 from workers.provisioner.config import ProvisionerConfig
 from workers.provisioner.fleet import Fleet
 from workers.provisioner.handlers import Provisioning
@@ -59,7 +60,13 @@ class ProvisionerService:
         self._fleet = Fleet(providers, search_seconds=self._config.search_seconds)
         self._registry = Registry(js, events, self._config, replicas)
         await self._registry.start()
-        launcher = Launcher(self._registry, self._fleet, worker_id=self._worker.worker_id)
+        keys = self._config.upstream_secret
+        launcher = Launcher(
+            self._registry,
+            self._fleet,
+            worker_id=self._worker.worker_id,
+            keys=UpstreamKeys(keys) if keys else None,
+        )
         reservations = Reservations(self._registry, self._fleet, launcher, self._config)
         self._provisioning = Provisioning(
             self._registry,

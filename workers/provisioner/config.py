@@ -30,5 +30,8 @@ class ProvisionerConfig(msgspec.Struct, frozen=True, kw_only=True):
     """The reconciler's leadership lease: a dead leader is replaced after this."""
     placement: str = "cheapest"
     """How reservations pick offers when the request names no strategy."""
+    upstream_secret: bytes | None = None
+    """What machines' API keys derive from (`workers.common.upstream_keys`); None: machines
+    are started without one."""
     search_seconds: float = 20.0
     """How long one offer search waits for each provider."""

@@ -33,6 +33,7 @@ from schemas.gpus import (
     ProviderName,
     label_of,
 )
+from workers.common.upstream_keys import KEY_ENV, UpstreamKeys
 from workers.provisioner import faults
 from workers.provisioner.cancellation import to_the_end
 from workers.provisioner.fleet import Fleet
@@ -94,11 +95,27 @@ class Launcher:
         *,
         worker_id: str,
         claim_seconds: float = CLAIM_SECONDS,
+        keys: UpstreamKeys | None = None,
     ) -> None:
         self._registry = registry
         self._fleet = fleet
         self._worker_id = worker_id
         self._claim_seconds = claim_seconds
+        self._keys = keys
+
+    def _key_of(self, instance: Instance) -> str:
+        """The machine's own API key; none for a static endpoint (it has its own) or when
+        no upstream secret is configured."""
+        if self._keys is None or instance.provider is ProviderName.STATIC:
+            return ""
+        return self._keys.of(instance.id)
+
+    def _launch_spec(self, instance: Instance) -> LaunchSpec:
+        key = self._key_of(instance)
+        if not key:
+            return instance.spec
+        # Only the provider call carries it: the record keeps the spec the user asked for.
+        return msgspec.structs.replace(instance.spec, env={**instance.spec.env, KEY_ENV: key})
 
     def _provider(self, name: ProviderName) -> Provider:
         return self._fleet.provider(name)
@@ -213,7 +230,9 @@ class Launcher:
                 self._keep_claim(instance.id, token), name=f"claim-{instance.id}"
             )
             try:
-                provider_id = await provider.create(instance.offer_id, instance.spec, label=label)
+                provider_id = await provider.create(
+                    instance.offer_id, self._launch_spec(instance), label=label
+                )
             except GpuproxyError as exc:
                 await self._registry.move(
                     instance.id,
@@ -275,7 +294,9 @@ class Launcher:
         if instance.state is InstanceState.STARTING:
             if instance.deadline_ms and now_ms() > instance.deadline_ms:
                 return await self._give_up(instance, machine, provider)
-            if machine.status is MachineStatus.RUNNING and await provider.ready(machine):
+            if machine.status is MachineStatus.RUNNING and await provider.ready(
+                machine, key=self._key_of(instance)
+            ):
                 moved = await self._registry.move(
                     instance.id,
                     InstanceState.RUNNING,

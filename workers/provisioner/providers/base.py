@@ -78,13 +78,17 @@ class Provider(abc.ABC):
     async def destroy(self, provider_id: str) -> None:
         """Destroy the machine; one that is already gone counts as destroyed."""
 
-    async def ready(self, machine: Machine, *, timeout: float = 5.0) -> bool:
-        """Whether the machine's OpenAI-compatible endpoint answers `GET /v1/models`."""
+    async def ready(self, machine: Machine, *, timeout: float = 5.0, key: str = "") -> bool:
+        """Whether the machine's OpenAI-compatible endpoint answers `GET /v1/models` (with
+        the machine's own API key, when it was started with one)."""
         if machine.status is not MachineStatus.RUNNING or not machine.endpoint:
             return False
+        headers = {"authorization": f"Bearer {key}"} if key else {}
         try:
             async with httpx.AsyncClient(timeout=timeout) as client:
-                answer = await client.get(f"{machine.endpoint.rstrip('/')}/v1/models")
+                answer = await client.get(
+                    f"{machine.endpoint.rstrip('/')}/v1/models", headers=headers
+                )
         except httpx.HTTPError:
             return False
         return answer.status_code == 200

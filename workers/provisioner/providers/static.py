@@ -344,7 +344,7 @@ class StaticProvider(Provider):
         with _bus("release an endpoint"):
             await self._claims.delete(provider_id)
 
-    async def ready(self, machine: Machine, *, timeout: float = 5.0) -> bool:
+    async def ready(self, machine: Machine, *, timeout: float = 5.0, key: str = "") -> bool:
         endpoint = self._endpoints.get(machine.provider_id)
         # The key goes only to the URL it was configured for.
         if endpoint is None or endpoint.api_key is None or machine.endpoint != endpoint.url:

@@ -1,0 +1,1 @@
+"""The inference front doors: OpenAI-compatible HTTP (and gRPC, through the same command)."""

@@ -1,0 +1,116 @@
+"""Inference when machines fail or clients leave: a stream cut or a machine dying mid-answer
+ends in an error event, never a quiet success, and still records what was delivered; a
+machine that refuses before answering is passed over; a client that leaves closes the
+machine's connection at once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from nats.aio.client import Client
+
+from schemas.subjects import WorkerKind
+from simulator.upstream import DEFAULT_MODEL
+from tests.e2e.machines import register, sdk, served, sim_machine, usage_events
+from tests.e2e.system import System, running_system
+from workers.proxy.usage import estimate_tokens
+
+PROMPT = [{"role": "user", "content": "tell me about rivers"}]
+
+
+@pytest.fixture
+async def proxied(nats_url: str, migrated_database: str) -> AsyncIterator[System]:
+    async with running_system(nats_url, migrated_database, kinds=(WorkerKind.PROXY,)) as system:
+        yield system
+
+
+@pytest.mark.parametrize("mode", ["cut", "die"])
+async def test_a_machine_failing_mid_stream_ends_in_an_error_event_and_bills_what_was_sent(
+    proxied: System, nc: Client, tmp_path: Path, mode: str
+) -> None:
+    with sim_machine(tmp_path, "--fail", mode, "--fail-after", "3") as machine:
+        await register(nc, machine, owner=proxied.admin_id)
+        async with sdk(proxied) as client:
+            await served(client, DEFAULT_MODEL)
+            stream = await client.chat.completions.create(
+                model=DEFAULT_MODEL, messages=PROMPT, max_tokens=10, stream=True
+            )
+            pieces: list[str] = []
+
+            async def read_all() -> None:
+                async for chunk in stream:
+                    pieces.extend(c.delta.content or "" for c in chunk.choices)
+
+            with pytest.raises(openai.APIError) as raised:
+                await read_all()
+
+    assert "incomplete" in raised.value.message
+    assert len([p for p in pieces if p]) == 3
+    recorded = await usage_events(nc)
+    assert [e.outcome for e in recorded] == ["failed"]
+    # Counted by the proxy's rule, from exactly the three pieces the client received.
+    assert recorded[0].usage.output_tokens == sum(estimate_tokens(p) for p in pieces if p)
+    assert recorded[0].usage.estimated
+
+
+async def test_a_machine_that_refuses_is_passed_over_before_anything_is_sent(
+    proxied: System, nc: Client, tmp_path: Path
+) -> None:
+    with (
+        sim_machine(tmp_path, "--fail", "refuse") as refusing,
+        sim_machine(tmp_path) as healthy,
+    ):
+        await register(nc, refusing, owner=proxied.admin_id)
+        await register(nc, healthy, owner=proxied.admin_id)
+        async with sdk(proxied) as client:
+            await served(client, DEFAULT_MODEL, count=2)
+            answers = [
+                await client.chat.completions.create(
+                    model=DEFAULT_MODEL, messages=PROMPT, max_tokens=2
+                )
+                for _ in range(4)
+            ]
+    assert all(a.choices[0].message.content for a in answers)
+
+
+async def test_a_client_that_leaves_closes_the_machines_connection_at_once(
+    proxied: System, nc: Client, tmp_path: Path
+) -> None:
+    with sim_machine(tmp_path, "--token-delay-ms", "2000") as machine:
+        await register(nc, machine, owner=proxied.admin_id)
+        async with sdk(proxied) as client:
+            await served(client, DEFAULT_MODEL)
+        async with (
+            httpx.AsyncClient(base_url=proxied.http_base, timeout=10) as http,
+            http.stream(
+                "POST",
+                "/v1/chat/completions",
+                json={"model": DEFAULT_MODEL, "messages": PROMPT, "max_tokens": 5, "stream": True},
+                headers={"authorization": f"Bearer {proxied.api_key}"},
+            ) as response,
+        ):
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if '"content"' in line and '"content":""' not in line:
+                    break
+        left_at = time.time()
+        async with httpx.AsyncClient(base_url=machine.url, timeout=5) as direct:
+            for _ in range(100):
+                stats = (await direct.get("/sim/stats")).json()
+                if stats["disconnected"]:
+                    break
+                await asyncio.sleep(0.02)
+    assert stats["disconnected"] == 1
+    noticed = stats["last_disconnect_at"] - left_at
+    print(f"the machine saw the client leave {noticed * 1000:.1f} ms after it left")
+    # The promise is 100 ms; the bound is loose for a loaded test machine, and still far
+    # below what a leak costs (the answer's remaining 8 s).
+    assert noticed < 1.0
+    recorded = await usage_events(nc)
+    assert [e.outcome for e in recorded] == ["cancelled"]
