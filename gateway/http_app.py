@@ -28,6 +28,7 @@ from gateway.http_query import only
 from gateway.inference.balancing import Balancing
 from gateway.inference.balancing import routes as balancing_routes
 from gateway.inference.http import routes as inference_routes
+from gateway.inference.legacy import routes as legacy_routes
 from gateway.unexpected import UnexpectedHttpErrors
 from schemas.commands import Ping
 from schemas.errors import GpuproxyError
@@ -110,6 +111,7 @@ def build_app(
             *account_routes(guard, accounts, ip_access),
             *gpu_routes(guard, gpus, preferences, accounts),
             *inference_routes(guard, caller, config),
+            *legacy_routes(guard, caller, config),
             *balancing_routes(guard, Balancing(caller, config), accounts),
         ],
         exception_handlers={GpuproxyError: on_error, HTTPException: on_http_error},

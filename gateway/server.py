@@ -178,6 +178,8 @@ async def serve(
             # Forwarded headers count only from GPUPROXY_TRUSTED_PROXIES, read by the guard;
             # uvicorn's own rewriting would trust any local peer.
             proxy_headers=False,
+            # A WebSocket frame is a request body too.
+            ws_max_size=config.max_body_bytes,
         )
     )
     http_task = asyncio.create_task(http.serve(), name="http")

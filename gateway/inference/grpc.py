@@ -18,9 +18,7 @@ import grpc
 
 from gateway.auth.principal import Principal
 from gateway.errors import grpc_status, http_answer
-from gateway.inference import requests
 from gateway.inference.service import COST_HEADER, InferenceService, whole_body
-from gateway.inference.targets import target
 from gateway.pb import gpuproxy_pb2 as pb
 from schemas.commands import Inference
 from schemas.errors import GpuproxyError, Internal
@@ -38,16 +36,15 @@ def command_of(
     *,
     idempotency_key: str | None,
 ) -> Inference:
-    aim = target(request.target_url, request.protocol, request.method)
-    checked = requests.check(aim.api, request.body, target_model=aim.model if aim.model else "")
-    return service.command(
+    return service.targeted(
         who,
-        aim.api,
-        checked,
+        target_url=request.target_url,
+        protocol=request.protocol,
+        method=request.method,
+        body=request.body,
+        headers=request.headers,
         idempotency_key=idempotency_key,
         key_field=IDEMPOTENCY_KEY,
-        instance_id=aim.instance_id,
-        session_key=request.headers.get("x-session-id", ""),
     )
 
 

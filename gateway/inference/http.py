@@ -27,7 +27,13 @@ from gateway.errors import openai_error
 from gateway.http_io import json_response
 from gateway.http_query import only
 from gateway.inference import requests
-from gateway.inference.service import COST_HEADER, InferenceService, Pieces, whole_body
+from gateway.inference.service import (
+    COST_HEADER,
+    SESSION_HEADER,
+    InferenceService,
+    Pieces,
+    whole_body,
+)
 from gateway.inference.targets import instance_named
 from schemas.commands import ListModels
 from schemas.errors import GpuproxyError, Internal
@@ -36,7 +42,6 @@ from schemas.replies import Data
 from schemas.subjects import WorkerKind
 
 IDEMPOTENCY_KEY = "Idempotency-Key"
-SESSION_HEADER = "x-session-id"
 INSTANCE_HEADER = "x-gpuproxy-instance"
 """Names the one machine (of yours) to serve the request, by its instance id."""
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
@@ -64,7 +69,7 @@ def routes(guard: HttpGuard, caller: CommandCaller, config: GatewayConfig) -> li
             if isinstance(first, InferenceDone):
                 return _whole(first)
             return StreamingResponse(
-                _events(first, rest), media_type="text/event-stream", headers=SSE_HEADERS
+                events(first, rest), media_type="text/event-stream", headers=SSE_HEADERS
             )
 
         infer.__name__ = f"infer_{api}"
@@ -109,7 +114,9 @@ def _whole(done: InferenceDone) -> Response:
     )
 
 
-async def _events(first: Data, rest: Pieces) -> AsyncIterator[bytes]:
+async def events(first: Data, rest: Pieces) -> AsyncIterator[bytes]:
+    """A stream's server-sent events for the client: the first piece, the rest as they
+    come, and a final error event if the answer breaks off."""
     try:
         yield first.body
         async for piece in rest:

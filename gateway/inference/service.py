@@ -4,19 +4,23 @@ error, not a broken stream)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 
 import msgspec
 
 from bus.caller import CommandCaller
 from gateway import validation
 from gateway.auth.principal import Principal
+from gateway.inference import requests
 from gateway.inference.requests import Checked
+from gateway.inference.targets import target
 from schemas.commands import Inference
 from schemas.inference import Api, InferenceDone
 from schemas.replies import Data, Result
 from schemas.subjects import WorkerKind
 
+SESSION_HEADER = "x-session-id"
+"""Keeps a conversation on one machine under `session_affinity`."""
 SILENCE_SECONDS = 3.0
 """A worker streaming an answer sends something every second (`bus.runtime.PULSE_SECONDS`);
 after three seconds of nothing it is gone, and the client hears so."""
@@ -50,6 +54,33 @@ class InferenceService:
             body=msgspec.Raw(checked.body),
             stream=checked.stream,
             session_key=session_key or checked.session_key,
+        )
+
+    def targeted(
+        self,
+        who: Principal,
+        *,
+        target_url: str,
+        protocol: str,
+        method: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        idempotency_key: str | None,
+        key_field: str,
+    ) -> Inference:
+        """A request that names its model or machine in a `target_url` (gRPC, the original
+        HTTP route, the WebSocket), never a host."""
+        aim = target(target_url, protocol, method)
+        checked = requests.check(aim.api, body, target_model=aim.model)
+        session = next((v for k, v in headers.items() if k.lower() == SESSION_HEADER), "")
+        return self.command(
+            who,
+            aim.api,
+            checked,
+            idempotency_key=idempotency_key,
+            key_field=key_field,
+            instance_id=aim.instance_id,
+            session_key=session,
         )
 
     async def whole(self, command: Inference, *, timeout: float) -> InferenceDone:
