@@ -9,6 +9,7 @@ from typing import Any
 
 from bench.cpu import ceiling_calls_per_s, resolution_us
 from bench.stats import LatencySummary, ThroughputSummary, format_number, format_ratio, ratio
+from bench.study import Findings
 from bench.targets import TARGET_SCENARIO, TargetCheck, check_targets
 
 COMPARISONS: tuple[tuple[str, str], ...] = (("o1", "b1"), ("o1", "b2"), ("o2", "b1"), ("o2", "b3"))
@@ -28,6 +29,8 @@ class ScenarioResult:
     cpu_us_c1: dict[str, float] = field(default_factory=dict)
     """Microseconds of CPU per call, per process, in the c=1 phase."""
     cpu_us_c32: dict[str, float] = field(default_factory=dict)
+    findings: Findings | None = None
+    """What a study (`bench.study`) found beyond the two phases of a call."""
 
     @property
     def p50_ms(self) -> float | None:
@@ -122,9 +125,18 @@ def render(report: RunReport) -> str:
                 f"  {t.what:<19} {t.goal:<20} measured {format_number(t.measured, digits):>8} "
                 f"{unit:<7}  {t.verdict}"
             )
+    found = _findings(report.results)
+    for findings in found.values():
+        text = findings.lines(found)
+        if text:
+            lines += ["", *text]
     for r in report.failed:
         lines += ["", f"{r.name.upper()} FAILED: {r.error}"]
     return "\n".join(lines)
+
+
+def _findings(results: Sequence[ScenarioResult]) -> dict[str, Findings]:
+    return {r.name: r.findings for r in results if r.findings is not None}
 
 
 def _table(results: Sequence[ScenarioResult], targets: Sequence[TargetCheck]) -> list[str]:
@@ -199,6 +211,7 @@ def _what(results: Sequence[ScenarioResult]) -> list[str]:
 
 
 def to_json(report: RunReport) -> dict[str, Any]:
+    found = _findings(report.results)
     return {
         "meta": report.meta,
         "scenarios": {
@@ -212,6 +225,7 @@ def to_json(report: RunReport) -> dict[str, Any]:
                 "throughput": None if r.throughput is None else dataclasses.asdict(r.throughput),
                 "cpu_us_per_call_c1": r.cpu_us_c1,
                 "cpu_us_per_call_c32": r.cpu_us_c32,
+                "findings": None if r.findings is None else r.findings.to_json(found),
             }
             for r in report.results
         },

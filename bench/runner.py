@@ -15,9 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.measure import Driver, Plan
+from bench.measure import Driver, Plan, Session
 from bench.report import RunReport, ScenarioResult, build_report
 from bench.scenarios import Scenario
+from bench.study import Measured, Say, Study
 from gpuproxy.natsd import find_binary
 
 
@@ -28,11 +29,10 @@ async def run_scenario(scenario: Scenario, plan: Plan, *, progress: bool = True)
     try:
         with tempfile.TemporaryDirectory(prefix=f"gpuproxy-bench-{scenario.name}-") as tmp:
             async with scenario.open(Path(tmp), plan) as session:
-                driver = Driver(session, plan)
-                latency, cpu_c1 = await driver.latency()
-                say(f"{scenario.name}: c=1 p50 {latency.p50_ms:.2f} ms")
-                throughput, cpu_c32 = await driver.throughput()
-                say(f"{scenario.name}: c={plan.concurrency} {throughput.calls_per_s:,.0f} calls/s")
+                if isinstance(session, Study):
+                    measured = await session.measure(lambda line: say(f"{scenario.name}: {line}"))
+                else:
+                    measured = await _two_phases(scenario.name, session, plan, say)
     except Exception as exc:
         # One broken path must not hide the others' numbers; it is reported as FAILED.
         cause = _first_leaf(exc)
@@ -54,12 +54,22 @@ async def run_scenario(scenario: Scenario, plan: Plan, *, progress: bool = True)
         name=scenario.name,
         title=scenario.title,
         what=scenario.what,
-        latency=latency,
-        throughput=throughput,
-        cpu_us_c1=cpu_c1,
-        cpu_us_c32=cpu_c32,
+        latency=measured.latency,
+        throughput=measured.throughput,
+        cpu_us_c1=measured.cpu_us_c1,
+        cpu_us_c32=measured.cpu_us_c32,
+        findings=measured.findings,
         wall_seconds=time.perf_counter() - started,
     )
+
+
+async def _two_phases(name: str, session: Session, plan: Plan, say: Say) -> Measured:
+    driver = Driver(session, plan)
+    latency, cpu_c1 = await driver.latency()
+    say(f"{name}: c=1 p50 {latency.p50_ms:.2f} ms")
+    throughput, cpu_c32 = await driver.throughput()
+    say(f"{name}: c={plan.concurrency} {throughput.calls_per_s:,.0f} calls/s")
+    return Measured(latency, throughput, cpu_c1, cpu_c32)
 
 
 async def run(

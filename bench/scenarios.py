@@ -11,6 +11,8 @@ from bench.faststream_default import open_faststream
 from bench.gpuproxy_bus import open_gpuproxy_bus
 from bench.gpuproxy_e2e import open_gpuproxy_e2e
 from bench.grpc_echo import open_grpc_echo
+from bench.inference import open_direct, open_gateway
+from bench.inference_routing import open_routing
 from bench.measure import Plan, Session
 from bench.nats_raw import open_raw_nats
 
@@ -59,6 +61,28 @@ SCENARIOS: tuple[Scenario, ...] = (
         "gRPC client -> `gpuproxy gateway` -> nats-server -> `gpuproxy worker "
         "provisioner` -> back; four processes",
         open_gpuproxy_e2e,
+    ),
+    Scenario(
+        "i0",
+        "I0 chat direct",
+        "aiohttp -> `gpuproxy sim-upstream` (answers at once), OpenAI chat, 16 tokens, whole "
+        "and SSE (main table: whole); two processes",
+        open_direct,
+    ),
+    Scenario(
+        "i1",
+        "I1 chat via gateway",
+        "I0's requests -> `gpuproxy gateway` HTTP -> nats-server -> `gpuproxy worker proxy` "
+        "-> the same kind of machine (main table: whole); five processes",
+        open_gateway,
+    ),
+    Scenario(
+        "i2",
+        "I2 routing (table below)",
+        "16 concurrent multi-turn conversations (own or shared system prompt), streamed, via "
+        "the gateway to 4 sim machines with a KV cache, under round_robin, least_connections "
+        "and cache_aware; eight processes",
+        open_routing,
     ),
 )
 

@@ -35,7 +35,7 @@ from bus.tasks import cancel_and_wait
 from bus.topology import declare_bucket, declare_stream
 from schemas import subjects, topology
 from schemas.commands import CommandBase, Departure, is_keyed, name_of
-from schemas.control import Cancel
+from schemas.control import CREDIT_EVERY, Cancel, Credit
 from schemas.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -115,6 +115,7 @@ class CommandCaller:
                 if isinstance(chunk, Result):
                     finished = True
                     return chunk.result
+                await self._took(kind, command.command_id, inbox, chunk)
         finally:
             await self._close(token, kind, command, finished)
 
@@ -148,12 +149,29 @@ class CommandCaller:
                 if isinstance(chunk, Failure):
                     finished = True
                     raise error_from_info(chunk.error)
-                finished = isinstance(chunk, Result)
-                yield chunk
-                if finished:
+                if isinstance(chunk, Result):
+                    finished = True
+                    yield chunk
                     return
+                yield chunk
+                # The consumer asked for the next piece: it has taken this one.
+                await self._took(kind, command.command_id, inbox, chunk)
         finally:
             await self._close(token, kind, command, finished)
+
+    async def _took(
+        self, kind: subjects.WorkerKind, command_id: str, inbox: Inbox, piece: Data
+    ) -> None:
+        """Count a piece the consumer has taken; every `CREDIT_EVERY` pieces, tell the worker,
+        which sends at most `CREDIT_WINDOW` pieces ahead of what was taken."""
+        inbox.taken += 1
+        if inbox.taken % CREDIT_EVERY:
+            return
+        credit = Credit(
+            command_id=command_id, run=inbox.run, attempt=piece.attempt, consumed=inbox.taken
+        )
+        with contextlib.suppress(Exception):
+            await self._nc.publish(subjects.credit(kind), encode(credit))
 
     def _open(self) -> tuple[str, Inbox]:
         token = str(next(self._tokens))

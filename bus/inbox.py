@@ -64,6 +64,7 @@ class Inbox:
         "run",
         "sent",
         "streamed",
+        "taken",
     )
 
     def __init__(self) -> None:
@@ -75,6 +76,8 @@ class Inbox:
         self._expected = 0
         self.streamed = False
         self.heard = 0.0
+        self.taken = 0
+        """Pieces (`Data`) the consumer has taken: what the worker's credit counts."""
         """When the last chunk of any kind arrived (monotonic seconds); 0: none yet."""
         self.sent = False
         """This call's publish is the one JetStream took (not a repeat of an earlier call's):

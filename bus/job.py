@@ -14,7 +14,13 @@ from nats.aio.msg import Msg
 
 from bus.codec import encode
 from bus.frames import data_frame
+from schemas.control import CREDIT_WINDOW
+from schemas.errors import Unavailable
 from schemas.replies import Heartbeat
+
+CREDIT_PATIENCE = 300.0
+"""Seconds a worker waits for a caller that takes nothing: a gateway that died sends no
+cancel, and the machine's connection must not stay open for ever."""
 
 
 @dataclass(eq=False)
@@ -33,6 +39,10 @@ class Job:
     seq: int = 0
     task: asyncio.Task[None] | None = None
     cancel_reason: str | None = None
+    pieces_sent: int = 0
+    pieces_consumed: int = 0
+    """What the caller said it has taken (`Credit`): at most `CREDIT_WINDOW` more go out."""
+    credit_waiter: asyncio.Future[None] | None = None
 
     def head(self, seq: int) -> dict[str, Any]:
         return {"command_id": self.command_id, "attempt": self.attempt, "seq": seq}
@@ -46,12 +56,30 @@ class Job:
         await self.nc.publish(self.reply_to, encode(make(seq)))
 
     async def reply_data(self, body: bytes) -> None:
-        """Send the caller the next piece of a streamed answer, as a data frame."""
+        """Send the caller the next piece of a streamed answer, as a data frame, once the
+        caller has room for it: a handler streaming to a slow reader waits here."""
         if self.reply_to is None:
             return
+        while self.pieces_sent - self.pieces_consumed >= CREDIT_WINDOW:
+            self.credit_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self.credit_waiter, CREDIT_PATIENCE)
+            except TimeoutError:
+                raise Unavailable(
+                    f"the caller took no piece of the answer for {CREDIT_PATIENCE:.0f} s"
+                ) from None
+            finally:
+                self.credit_waiter = None
+        self.pieces_sent += 1
         seq = self.seq
         self.seq += 1
         await self.nc.publish(self.reply_to, data_frame(self.command_id, self.attempt, seq, body))
+
+    def credit(self, consumed: int) -> None:
+        if consumed > self.pieces_consumed:
+            self.pieces_consumed = consumed
+            if self.credit_waiter is not None and not self.credit_waiter.done():
+                self.credit_waiter.set_result(None)
 
 
 def heartbeat(job: Job, seq: int) -> Heartbeat:

@@ -40,7 +40,7 @@ from bus.tasks import cancel_and_wait
 from bus.topology import declare_bucket, declare_consumer, declare_stream
 from schemas import subjects, topology
 from schemas.commands import Command, CommandBase
-from schemas.control import Cancel
+from schemas.control import Cancel, Credit
 from schemas.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -104,6 +104,8 @@ class CommandRuntime:
         self._consumer: PullConsumer | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._cancel_sub: Subscription | None = None
+        self._credit_sub: Subscription | None = None
+        self._credit_decoder: Decoder[Credit] = Decoder(Credit)
         self._cancel_decoder: Decoder[Cancel] = Decoder(Cancel)
         self._stores = AckedPublisher(nc)
         self.events = EventPublisher(self._js)
@@ -146,6 +148,7 @@ class CommandRuntime:
         )
         # Every replica hears every cancel: only the one running the command acts on it.
         self._cancel_sub = await self._nc.subscribe(subjects.cancel(self.kind), cb=self._on_cancel)
+        self._credit_sub = await self._nc.subscribe(subjects.credit(self.kind), cb=self._on_credit)
         await self._consumer.start()
         self._ticker = asyncio.create_task(self._keep_alive(), name="keep-alive")
 
@@ -158,9 +161,10 @@ class CommandRuntime:
         """
         if self._consumer is None:
             return 0
-        if self._cancel_sub is not None:
-            with contextlib.suppress(Exception):
-                await self._cancel_sub.unsubscribe()
+        for sub in (self._cancel_sub, self._credit_sub):
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
         for msg in await self._consumer.stop():
             await self._hand_back(msg)
         tasks = [job.task for job in self._jobs.values() if job.task is not None]
@@ -207,6 +211,17 @@ class CommandRuntime:
         except msgspec.DecodeError:
             return
         self.cancel(cancel.command_id, cancel.reason, cancel.run)
+
+    async def _on_credit(self, msg: Msg) -> None:
+        if msg.reply.startswith(subjects.JS_ACK_PREFIX):
+            return  # see `_on_cancel`
+        try:
+            credit = self._credit_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            return
+        job = self._jobs.get(subjects.message_id(credit.command_id, credit.run))
+        if job is not None and job.attempt == credit.attempt:
+            job.credit(credit.consumed)
 
     def _dispatch(self, msg: Msg) -> None:
         headers = msg.headers or {}

@@ -104,13 +104,15 @@ def build_app(
 
     return Starlette(
         routes=[
+            # The data plane first: Starlette tries routes in order, and inference is most
+            # of the traffic.
+            *inference_routes(guard, caller, config),
             guard.route("/health", health_report, methods=["GET"], requirement=PUBLIC),
             guard.route("/healthz", live, methods=["GET"], requirement=PUBLIC),
             guard.route("/readyz", ready, methods=["GET"], requirement=PUBLIC),
             guard.route("/api/v1/ping", only(ping), methods=["POST"], requirement=SIGNED_IN),
             *account_routes(guard, accounts, ip_access),
             *gpu_routes(guard, gpus, preferences, accounts),
-            *inference_routes(guard, caller, config),
             *legacy_routes(guard, caller, config),
             *balancing_routes(guard, Balancing(caller, config), accounts),
         ],

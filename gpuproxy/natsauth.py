@@ -123,6 +123,7 @@ def _worker(kind: WorkerKind) -> Permissions:
     subscribe = [
         f"{inbox_prefix(str(kind))}.>",
         subjects.cancel(kind),
+        subjects.credit(kind),
         f"$JS.EVENT.ADVISORY.CONSUMER.*.{cmd}.{kind}",
     ]
     if kind is WorkerKind.PROXY:

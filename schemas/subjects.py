@@ -58,6 +58,11 @@ def cancel(kind: WorkerKind) -> str:
     return f"{CONTROL}.cancel.{kind}"
 
 
+def credit(kind: WorkerKind) -> str:
+    """Flow control of streamed answers (`schemas.control.Credit`)."""
+    return f"{CONTROL}.credit.{kind}"
+
+
 _RUN = "="
 
 

@@ -15,7 +15,7 @@ import msgspec
 from simulator.errors import ApiError, missing
 
 DEFAULT_MAX_TOKENS = 16
-MAX_TOKENS_CAP = 4096
+MAX_TOKENS_CAP = 131_072
 """Larger `max_tokens` is refused (400), as a real server refuses more than its context."""
 
 DEFAULT_DIMENSIONS = 8
@@ -36,6 +36,8 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     include_usage: bool = False
     instructions: str | None = None
     """A response's instructions, echoed in its body."""
+    ignore_eos: bool = False
+    """vLLM's extra parameter: generate exactly `max_tokens`, never stopping by itself."""
 
 
 class EmbeddingJob(msgspec.Struct, frozen=True, kw_only=True):
@@ -185,6 +187,7 @@ def job_of(kind: Kind, body: dict[str, Any]) -> Job:
         stream=stream,
         include_usage=kind != "response" and bool((stream_options or {}).get("include_usage")),
         instructions=body.get("instructions") if kind == "response" else None,
+        ignore_eos=body.get("ignore_eos") is True,
     )
 
 

@@ -64,13 +64,15 @@ def natural_length(model: str, prompt: str, seed: int | None = None) -> int:
     return low + draw % (high - low + 1)
 
 
-def generate(model: str, prompt: str, max_tokens: int, seed: int | None = None) -> list[str]:
+def generate(
+    model: str, prompt: str, max_tokens: int, seed: int | None = None, *, ignore_eos: bool = False
+) -> list[str]:
     """The answer's tokens, at most `max_tokens`; joined they give its text.
 
     Every token but the first carries its leading space, as real tokenizers' pieces do, so a
     streaming client that concatenates deltas gets the same text as a non-streaming one.
     """
-    count = min(max_tokens, natural_length(model, prompt, seed))
+    count = max_tokens if ignore_eos else min(max_tokens, natural_length(model, prompt, seed))
     key = _key(model, prompt, seed)
     words: list[str] = []
     block_index = 0

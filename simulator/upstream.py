@@ -195,7 +195,9 @@ class Upstream:
             behaviour = self._behaviour(request)
             if not await self._strike(request, behaviour):
                 return self._gone(visit)
-            answer = tokens.generate(self.options.model, job.prompt, job.max_tokens, job.seed)
+            answer = tokens.generate(
+                self.options.model, job.prompt, job.max_tokens, job.seed, ignore_eos=job.ignore_eos
+            )
             shape = self._shape(job, finish="length" if len(answer) == job.max_tokens else "stop")
             if job.stream:
 

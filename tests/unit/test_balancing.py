@@ -374,7 +374,7 @@ def conversation(turns: int) -> str:
 
 
 def test_cache_aware_follows_the_longest_cached_prefix_when_load_is_balanced() -> None:
-    book = loaded(10, 40, 20, 30)
+    book = loaded(2, 4, 3, 3)
     earlier = RoutingRequest("r-1", prefix_blocks=prefix_blocks(conversation(2)))
     book.apply(routed("p-x", FOUR[1], earlier), now_ms=T0)
     request = RoutingRequest("r-2", prefix_blocks=prefix_blocks(conversation(3)))
@@ -383,7 +383,7 @@ def test_cache_aware_follows_the_longest_cached_prefix_when_load_is_balanced() -
 
 
 def test_cache_aware_falls_back_to_the_least_loaded_when_load_is_imbalanced() -> None:
-    book = loaded(10, 100, 20, 30)  # 100 - 10 > 64 and 100 > 1.5 * 10
+    book = loaded(1, 8, 2, 3)  # 8 - 1 > 4 and 8 > 1.5 * 1
     earlier = RoutingRequest("r-1", prefix_blocks=prefix_blocks(conversation(2)))
     book.apply(routed("p-x", FOUR[1], earlier), now_ms=T0)
     request = RoutingRequest("r-2", prefix_blocks=prefix_blocks(conversation(3)))
@@ -393,14 +393,17 @@ def test_cache_aware_falls_back_to_the_least_loaded_when_load_is_imbalanced() ->
 
 def test_cache_aware_needs_both_the_absolute_and_the_relative_gap_to_call_load_imbalanced() -> None:
     policy = CacheAware()
-    assert policy.imbalanced([10, 100])
-    assert not policy.imbalanced([10, 70])  # gap 60: not over 64
-    assert not policy.imbalanced([200, 280])  # gap 80 but 280 < 1.5 * 200
-    assert policy.imbalanced([0, 65])
+    assert policy.imbalanced([1, 8])
+    assert not policy.imbalanced([2, 6])  # gap 4: not over 4
+    assert not policy.imbalanced([20, 26])  # gap 6 but 26 < 1.5 * 20
+    assert policy.imbalanced([0, 5])
+    sglang = CacheAware(imbalance_abs=64)
+    assert not sglang.imbalanced([10, 70])  # gap 60: not over 64
+    assert sglang.imbalanced([0, 65])
 
 
 def test_cache_aware_sends_a_prompt_matched_below_the_ratio_to_the_least_loaded() -> None:
-    book = loaded(10, 40, 5, 30)
+    book = loaded(2, 4, 1, 3)
     shared = SYSTEM[:128]  # two of the new prompt's blocks
     earlier = RoutingRequest("r-1", prefix_blocks=prefix_blocks(shared + "x" * 640))
     book.apply(routed("p-x", FOUR[1], earlier), now_ms=T0)
