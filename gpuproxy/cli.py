@@ -277,9 +277,12 @@ def _provisioner_config(settings: Settings) -> ProvisionerConfig:
 
 async def _worker_main(kind: WorkerKind, config: WorkerConfig, settings: Settings) -> None:
     from workers.billing.app import build as billing
+    from workers.common.static_endpoints import load_endpoints
     from workers.provisioner.app import build as provisioner
     from workers.proxy.app import build as proxy
     from workers.proxy.config import ProxyConfig
+    from workers.proxy.model_routes import ENV_VAR as MODEL_ROUTES
+    from workers.proxy.model_routes import parse_model_routes
 
     if kind is WorkerKind.PROVISIONER:
         app = provisioner(config, _provisioner_config(settings))
@@ -289,6 +292,8 @@ async def _worker_main(kind: WorkerKind, config: WorkerConfig, settings: Setting
             upstream_allow=settings.upstream_allow,
             request_timeout=settings.inference_timeout,
             strategy=settings.lb_strategy,
+            static_endpoints=tuple(load_endpoints(os.environ)),
+            model_routes=parse_model_routes(os.environ.get(MODEL_ROUTES, "")),
             upstream_secret=signing.upstream_secret(os.environ, settings.data_dir, create=False),
         )
         app = proxy(config, proxy_config)

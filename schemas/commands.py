@@ -187,6 +187,8 @@ class Inference(CommandBase, frozen=True, kw_only=True, tag="inference"):
     """Set when the caller named one machine (`instance://<id>`): only it may serve."""
     body: msgspec.Raw
     """The client's JSON object, as sent."""
+    actor_role: str = ""
+    """The actor's role: shared machines may serve some roles only."""
     stream: bool = False
     session_key: str = ""
     """Keeps a conversation on one machine under `session_affinity` (the `user` field or
@@ -195,6 +197,8 @@ class Inference(CommandBase, frozen=True, kw_only=True, tag="inference"):
 
 class ListModels(CommandBase, frozen=True, kw_only=True, tag="models_list"):
     """The models the actor can reach right now."""
+
+    actor_role: str = ""
 
 
 class SetStrategy(CommandBase, frozen=True, kw_only=True, tag="strategy_set"):

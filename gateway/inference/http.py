@@ -81,6 +81,7 @@ def routes(guard: HttpGuard, caller: CommandCaller, config: GatewayConfig) -> li
             command_id=validation.command_id(None, field=IDEMPOTENCY_KEY, owner=who.user_id),
             actor=who.user_id,
             actor_admin=who.is_admin,
+            actor_role=str(who.role),
         )
         listed = await caller.call(WorkerKind.PROXY, command, timeout=config.request_timeout)
         assert isinstance(listed, ModelList)

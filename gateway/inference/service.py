@@ -48,6 +48,7 @@ class InferenceService:
             command_id=validation.command_id(idempotency_key, field=key_field, owner=who.user_id),
             actor=who.user_id,
             actor_admin=who.is_admin,
+            actor_role=str(who.role),
             api=api,
             model=checked.model,
             instance_id=instance_id,

@@ -27,7 +27,7 @@ from workers.common.ping import answer_ping
 from workers.common.upstream_keys import UpstreamKeys
 from workers.proxy.addresses import parse_allow_list
 from workers.proxy.config import ProxyConfig
-from workers.proxy.directory import Directory, MachineKeys
+from workers.proxy.directory import Directory, MachineKeys, shared_routes
 from workers.proxy.inference import InferenceHandler
 from workers.proxy.models import ModelCatalogue, ModelsAsker
 from workers.proxy.routing import Balancer
@@ -57,12 +57,14 @@ class ProxyService:
         await declare_stream(js, topology.event_stream(replicas))
         self._pool = UpstreamPool(allow=parse_allow_list(self._config.upstream_allow))
         secret = self._config.upstream_secret
-        keys = MachineKeys(UpstreamKeys(secret) if secret else None)
+        endpoints = self._config.static_endpoints
+        keys = MachineKeys(UpstreamKeys(secret) if secret else None, endpoints)
         self._directory = Directory(
             js,
             ModelsAsker(self._pool, keys, timeout=MODELS_TIMEOUT),
             replicas=replicas,
             refresh_seconds=self._config.models_refresh_seconds,
+            extra=shared_routes(endpoints),
         )
         await self._directory.start()
         self._balancer = Balancer(nc, replica=self._worker.worker_id)
@@ -78,10 +80,11 @@ class ProxyService:
             keys,
             self._strategies,
             request_timeout=self._config.request_timeout,
+            models=self._config.model_routes,
         )
         return {
             Inference: inference,
-            ListModels: ModelCatalogue(self._directory),
+            ListModels: ModelCatalogue(self._directory, self._config.model_routes),
             SetStrategy: self._strategies.set,
             GetStrategy: self._strategies.get,
             GetLoad: LoadReport(self._balancer, self._directory, self._strategies),

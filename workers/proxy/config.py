@@ -6,6 +6,8 @@ import msgspec
 
 from schemas.balancing import Strategy
 from schemas.prices import DEFAULT_PRICES, PriceTable
+from workers.common.static_endpoints import StaticEndpoint
+from workers.proxy.model_routes import ModelRoutes
 
 
 class ProxyConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -19,5 +21,10 @@ class ProxyConfig(msgspec.Struct, frozen=True, kw_only=True):
     """`LB_STRATEGY`: how a machine is picked among those serving a request."""
     upstream_secret: bytes | None = None
     """What machines' API keys derive from (`workers.common.upstream_keys`)."""
+    static_endpoints: tuple[StaticEndpoint, ...] = ()
+    """`GPUPROXY_STATIC_ENDPOINTS`: the shared ones are routes of their own; each one's key
+    reaches the proxy here, never through the bus."""
+    model_routes: ModelRoutes = ModelRoutes()
+    """`GPUPROXY_MODEL_ROUTES`: aliases and fallback chains."""
     models_refresh_seconds: float = 60.0
     """How often each machine is asked again which models it serves."""

@@ -23,6 +23,7 @@ from bus.tasks import cancel_and_wait
 from bus.topology import declare_bucket
 from schemas import topology
 from schemas.gpus import Instance, InstanceState
+from workers.common.static_endpoints import StaticEndpoint
 from workers.common.upstream_keys import UpstreamKeys
 
 log = logging.getLogger("gpuproxy.proxy.directory")
@@ -42,24 +43,58 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
     models: tuple[str, ...]
     price_per_hour_micros: int = 0
     vram_gb: int = 0
+    provider_id: str = ""
+    """The provider's name for the machine (a static endpoint's configured name)."""
     shared: bool = False
-    """Serves every account, not only its owner."""
+    """Serves other accounts than its owner: those of `shared_with`, or every one."""
+    shared_with: frozenset[str] = frozenset()
+    """Roles or account ids a shared machine serves; empty: every account."""
 
-    def reachable_by(self, actor: str, admin: bool) -> bool:
-        return self.shared or admin or self.owner == actor
+    def reachable_by(self, actor: str, admin: bool, role: str = "") -> bool:
+        if admin or (self.owner and self.owner == actor):
+            return True
+        if not self.shared:
+            return False
+        return not self.shared_with or actor in self.shared_with or role in self.shared_with
 
 
 class MachineKeys:
-    """The API key each machine gpuproxy started is presented with (none for a static
-    endpoint, which has its own, or when no upstream secret is configured)."""
+    """The API key a machine is called with: its own, derived, for one gpuproxy started; the
+    configured one for a static endpoint (and only at the URL it was configured for)."""
 
-    def __init__(self, keys: UpstreamKeys | None) -> None:
+    def __init__(self, keys: UpstreamKeys | None, endpoints: Iterable[StaticEndpoint] = ()) -> None:
         self._keys = keys
+        self._static = {e.name: e for e in endpoints}
 
     def headers(self, route: Route) -> dict[str, str]:
-        if self._keys is None or route.provider == "static":
+        if route.provider == "static":
+            endpoint = self._static.get(route.provider_id)
+            if endpoint is None or endpoint.api_key is None or endpoint.url != route.endpoint:
+                return {}
+            return {"authorization": f"Bearer {endpoint.api_key.reveal()}"}
+        if self._keys is None:
             return {}
         return {"authorization": f"Bearer {self._keys.of(route.instance_id)}"}
+
+
+def shared_routes(endpoints: Iterable[StaticEndpoint]) -> list[Route]:
+    """The configured endpoints marked `shared`: routes without a rental."""
+    return [
+        Route(
+            instance_id=f"static-{e.name}",
+            owner="",
+            provider="static",
+            provider_id=e.name,
+            endpoint=e.url,
+            models=(),
+            price_per_hour_micros=e.price_per_hour_micros,
+            vram_gb=e.vram_gb,
+            shared=True,
+            shared_with=e.shared_with,
+        )
+        for e in endpoints
+        if e.shared
+    ]
 
 
 ModelsOf = Callable[[Route], Awaitable[tuple[str, ...]]]
@@ -150,6 +185,7 @@ class Directory:
                 models=(),
                 price_per_hour_micros=instance.price_per_hour_micros,
                 vram_gb=instance.vram_gb,
+                provider_id=instance.provider_id,
             )
         )
 

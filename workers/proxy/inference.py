@@ -26,6 +26,7 @@ from schemas.events import InferenceUsed
 from schemas.inference import Api, InferenceDone, Usage
 from schemas.prices import ModelPrice, PriceTable, cost_micros
 from workers.proxy.directory import Directory, MachineKeys, Route
+from workers.proxy.model_routes import ModelRoutes
 from workers.proxy.prefixes import prefix_blocks
 from workers.proxy.routing import Balancer
 from workers.proxy.sse import DONE, EventReader
@@ -81,7 +82,9 @@ class InferenceHandler:
         strategies: Strategies,
         *,
         request_timeout: float,
+        models: ModelRoutes | None = None,
     ) -> None:
+        self._models = models or ModelRoutes()
         self._keys = keys
         self._strategies = strategies
         self._directory = directory
@@ -94,11 +97,10 @@ class InferenceHandler:
     async def __call__(self, command: Inference, ctx: Context) -> InferenceDone:
         body = _object_of(command.body)
         try:
-            routes = self._routes_for(command)
+            routes, model = self._routes_for(command)
         except NotFound:
             await self._directory.settled(timeout=SETTLE_SECONDS)
-            routes = self._routes_for(command)
-        model = command.model or _model_in(body) or routes[0].models[0]
+            routes, model = self._routes_for(command)
         body["model"] = model
         price = self._prices.get(model) or FREE
         client_asked_usage = True
@@ -160,11 +162,12 @@ class InferenceHandler:
             )
         )
 
-    def _routes_for(self, command: Inference) -> list[Route]:
+    def _routes_for(self, command: Inference) -> tuple[list[Route], str]:
+        """The machines that may serve the request, and the model they serve it as."""
         reachable = [
             r
             for r in self._directory.routes()
-            if r.reachable_by(command.actor, command.actor_admin)
+            if r.reachable_by(command.actor, command.actor_admin, command.actor_role)
         ]
         if command.instance_id:
             chosen = [r for r in reachable if r.instance_id == command.instance_id]
@@ -173,19 +176,21 @@ class InferenceHandler:
                     f"no running instance {command.instance_id} of yours serves inference",
                     field="target_url",
                 )
-            if command.model and command.model not in chosen[0].models:
+            model = self._models.aliases.get(command.model, command.model)
+            if model and model not in chosen[0].models:
                 raise NotFound(
                     f"instance {command.instance_id} does not serve the model {command.model}",
                     field="model",
                 )
-            return chosen
-        serving = [r for r in reachable if command.model in r.models]
-        if not serving:
-            raise NotFound(
-                f"the model `{command.model}` is not served to you by any running instance",
-                field="model",
-            )
-        return serving
+            return chosen, model or chosen[0].models[0]
+        for model in self._models.chain(command.model):
+            serving = [r for r in reachable if model in r.models]
+            if serving:
+                return serving, model
+        raise NotFound(
+            f"the model `{command.model}` is not served to you by any running instance",
+            field="model",
+        )
 
     async def _open(self, route: Route, command: Inference, payload: bytes) -> UpstreamResponse:
         try:
@@ -336,11 +341,6 @@ def _object_of(raw: msgspec.Raw) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidArgument("the request body must be a JSON object", field="body")
     return body
-
-
-def _model_in(body: dict[str, Any]) -> str:
-    model = body.get("model")
-    return model if isinstance(model, str) else ""
 
 
 def _decoded(data: bytes) -> dict[str, Any] | None:

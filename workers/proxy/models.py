@@ -8,19 +8,24 @@ from bus.runtime import Context
 from schemas.commands import ListModels
 from schemas.inference import ModelList, ServedModel
 from workers.proxy.directory import Directory, MachineKeys, Route
+from workers.proxy.model_routes import ModelRoutes
 from workers.proxy.upstream_client import UpstreamPool
 
 
 class ModelCatalogue:
-    def __init__(self, directory: Directory) -> None:
+    def __init__(self, directory: Directory, routes: ModelRoutes | None = None) -> None:
         self._directory = directory
+        self._routes = routes or ModelRoutes()
 
     async def __call__(self, command: ListModels, ctx: Context) -> ModelList:
         counts: dict[str, int] = {}
         for route in self._directory.routes():
-            if route.reachable_by(command.actor, command.actor_admin):
+            if route.reachable_by(command.actor, command.actor_admin, command.actor_role):
                 for model in route.models:
                     counts[model] = counts.get(model, 0) + 1
+        for alias, model in self._routes.aliases.items():
+            if model in counts:
+                counts[alias] = counts[model]
         return ModelList(models=[ServedModel(id=m, instances=n) for m, n in sorted(counts.items())])
 
 
