@@ -370,7 +370,7 @@ def ping(target: str | None, worker_kind: str, message: str, api_key: str | None
 )
 @click.option(
     "--fail",
-    type=click.Choice(["refuse", "slow", "cut", "die"]),
+    type=click.Choice(["refuse", "throttle", "slow", "cut", "die"]),
     default=None,
     help="fail inference requests this way",
 )

@@ -171,6 +171,27 @@ class InferenceUsed(EventBase, frozen=True, kw_only=True, tag="usage.inference")
     streamed: bool
 
 
+class InstanceCircuitChanged(EventBase, frozen=True, kw_only=True, tag="instance.circuit_changed"):
+    """The proxy's circuit breaker for a machine changed state. Every proxy replica derives the
+    breaker from the same load messages and publishes the change with the id
+    `circuit-<instance>-<opened at ms>-<state>`, so the log keeps one; `occurred_at_ms` is the
+    time the messages give the change, not when a replica noticed it."""
+
+    instance_id: str
+    provider: str
+    state: str
+    """`open` (no request until `until_ms`), `half_open` (one probe request is let through) or
+    `closed` (requests flow)."""
+    reason: str
+    """`consecutive_failures` or `error_rate` (it tripped), `probe_failed` or
+    `probe_timed_out` (it opened again), `open_elapsed` (half-open), `probe_succeeded`
+    (closed)."""
+    failures: int
+    """The failures that opened it, plus each failed probe since; 0 once closed."""
+    until_ms: int = 0
+    """For `open`, when it turns half-open; 0 otherwise."""
+
+
 Event = (
     WorkerStarted
     | WorkerStopped
@@ -187,6 +208,7 @@ Event = (
     | ReservationRenewed
     | GpuTimeUsed
     | InferenceUsed
+    | InstanceCircuitChanged
 )
 
 

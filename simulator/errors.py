@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from starlette.responses import JSONResponse
 
+RETRY_AFTER = {503: "1", 429: "30"}
+"""What an overloaded and a rate-limited machine ask the caller to wait, in seconds."""
+
 
 class ApiError(Exception):
     """Answered as OpenAI does: `{"error": {"message", "type", "param", "code"}}`."""
@@ -22,7 +25,8 @@ class ApiError(Exception):
         body = {
             "error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}
         }
-        headers = {"retry-after": "1"} if self.status == 503 else None
+        wait = RETRY_AFTER.get(self.status)
+        headers = {"retry-after": wait} if wait else None
         return JSONResponse(body, status_code=self.status, headers=headers)
 
 
@@ -32,6 +36,15 @@ def missing(field: str) -> ApiError:
         f"Missing required parameter: '{field}'.",
         param=field,
         code="missing_required_parameter",
+    )
+
+
+def throttled() -> ApiError:
+    """What `FailMode.THROTTLE` answers."""
+    return ApiError(
+        429,
+        "Rate limit reached for requests (simulated); retry after the time given.",
+        code="rate_limit_exceeded",
     )
 
 

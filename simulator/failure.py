@@ -19,6 +19,8 @@ EXIT_DIED = 3
 class FailMode(enum.StrEnum):
     REFUSE = "refuse"
     """Answer 503 with an OpenAI error body."""
+    THROTTLE = "throttle"
+    """Answer 429 (rate limited) with `Retry-After: 30`, as a provider's quota does."""
     SLOW = "slow"
     """Wait `slow_ms` more before answering (a stuck or overloaded machine)."""
     CUT = "cut"

@@ -51,7 +51,7 @@ from starlette.routing import Route
 from simulator import embedding, tokens
 from simulator.api_key import ApiKeyGate
 from simulator.cache import PrefixCache
-from simulator.errors import ApiError, overloaded
+from simulator.errors import ApiError, overloaded, throttled
 from simulator.failure import EXIT_DIED as EXIT_DIED
 from simulator.failure import FailMode, PartialResponse, QuietCuts, break_off
 from simulator.job import Job, Kind, embedding_job_of, job_of
@@ -343,6 +343,8 @@ class Upstream:
         is still there to answer."""
         if behaviour.fail is FailMode.REFUSE:
             raise overloaded()
+        if behaviour.fail is FailMode.THROTTLE:
+            raise throttled()
         if behaviour.fail is not FailMode.SLOW:
             return True
         async with watching(request.receive) as watch:

@@ -37,16 +37,21 @@ def sim_machine(tmp_path: Path, *args: str) -> Iterator[Server]:
 
 async def register(nc: Client, server: Server, *, owner: str) -> str:
     """Record the machine as a running `sim` instance of `owner`; returns its id."""
+    return await register_endpoint(nc, server.url, owner=owner, provider="sim")
+
+
+async def register_endpoint(nc: Client, endpoint: str, *, owner: str, provider: str) -> str:
+    """Record a running instance of `provider` at `endpoint`, owned by `owner`."""
     instance_id = f"i-{uuid.uuid4().hex[:12]}"
     now = int(time.time() * 1000)
     record = Instance(
         id=instance_id,
         owner=owner,
-        provider=ProviderName.SIM,
+        provider=ProviderName(provider),
         offer_id="test",
         state=InstanceState.RUNNING,
-        provider_id=f"test-{server.port}",
-        endpoint=server.url,
+        provider_id=f"test-{instance_id}",
+        endpoint=endpoint,
         price_per_hour_micros=1_000_000,
         vram_gb=24,
         created_at_ms=now,

@@ -11,10 +11,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+import msgspec
 import openai
 import pytest
 from nats.aio.client import Client
 
+from schemas import subjects, topology
+from schemas.events import InstanceCircuitChanged
 from schemas.subjects import WorkerKind
 from simulator.upstream import DEFAULT_MODEL
 from tests.e2e.machines import register, sdk, served, sim_machine, usage_events
@@ -114,3 +117,66 @@ async def test_a_client_that_leaves_closes_the_machines_connection_at_once(
     assert noticed < 1.0
     recorded = await usage_events(nc)
     assert [e.outcome for e in recorded] == ["cancelled"]
+
+
+async def test_a_machine_that_says_too_many_requests_is_left_alone_as_long_as_it_asked(
+    proxied: System, nc: Client, tmp_path: Path
+) -> None:
+    with (
+        sim_machine(tmp_path, "--fail", "throttle") as throttled,
+        sim_machine(tmp_path) as healthy,
+    ):
+        await register(nc, throttled, owner=proxied.admin_id)
+        await register(nc, healthy, owner=proxied.admin_id)
+        async with sdk(proxied) as client:
+            await served(client, DEFAULT_MODEL, count=2)
+            answers = [
+                await client.chat.completions.create(
+                    model=DEFAULT_MODEL, messages=PROMPT, max_tokens=2
+                )
+                for _ in range(6)
+            ]
+        async with httpx.AsyncClient(timeout=5) as http:
+            asked = (await http.get(f"{throttled.url}/sim/stats")).json()["requests"]
+    assert all(a.choices[0].message.content for a in answers)
+    assert asked == 1  # it said Retry-After: 30; round robin alone would have asked it thrice
+
+
+async def test_a_machine_that_keeps_failing_is_taken_out_and_the_change_is_an_event(
+    proxied: System, nc: Client, tmp_path: Path
+) -> None:
+    with (
+        sim_machine(tmp_path, "--fail", "refuse") as failing,
+        sim_machine(tmp_path) as healthy,
+    ):
+        failing_id = await register(nc, failing, owner=proxied.admin_id)
+        await register(nc, healthy, owner=proxied.admin_id)
+        async with sdk(proxied) as client:
+            await served(client, DEFAULT_MODEL, count=2)
+            for _ in range(14):
+                await client.chat.completions.create(
+                    model=DEFAULT_MODEL, messages=PROMPT, max_tokens=2
+                )
+        async with httpx.AsyncClient(timeout=5) as http:
+            asked = (await http.get(f"{failing.url}/sim/stats")).json()["requests"]
+        changes = await circuit_events(nc)
+    assert asked == 5  # five failures in a row open its breaker: no sixth request
+    assert [(c.instance_id, c.state) for c in changes] == [(failing_id, "open")]
+
+
+async def circuit_events(nc: Client) -> list[InstanceCircuitChanged]:
+    await asyncio.sleep(1.5)  # the replicas' next tick publishes the change
+    sub = await nc.jetstream().subscribe(
+        subjects.event("instance", "circuit_changed"),
+        stream=topology.EVENT_STREAM,
+        ordered_consumer=True,
+    )
+    found: list[InstanceCircuitChanged] = []
+    while True:
+        try:
+            msg = await sub.next_msg(timeout=1)
+        except TimeoutError:
+            break
+        found.append(msgspec.json.decode(msg.data, type=InstanceCircuitChanged))
+    await sub.unsubscribe()
+    return found

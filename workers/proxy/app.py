@@ -67,7 +67,13 @@ class ProxyService:
             extra=shared_routes(endpoints),
         )
         await self._directory.start()
-        self._balancer = Balancer(nc, replica=self._worker.worker_id)
+        events = EventPublisher(js)
+        self._balancer = Balancer(
+            nc,
+            replica=self._worker.worker_id,
+            events=events,
+            request_timeout=self._config.request_timeout,
+        )
         await self._balancer.start()
         self._strategies = Strategies(js, setting=self._config.strategy, replicas=replicas)
         await self._strategies.start()
@@ -76,7 +82,7 @@ class ProxyService:
             self._pool,
             self._balancer,
             self._config.prices,
-            EventPublisher(js),
+            events,
             keys,
             self._strategies,
             request_timeout=self._config.request_timeout,

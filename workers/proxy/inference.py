@@ -44,6 +44,7 @@ log = logging.getLogger("gpuproxy.proxy.inference")
 
 PASSED_OVER = frozenset({429, 500, 502, 503, 504})
 """Upstream statuses that send the request to the next machine (before anything was sent)."""
+MAX_COOLING_SECONDS = 60.0
 MAX_TRIES = 3
 """Machines one request is offered to before it fails."""
 SETTLE_SECONDS = 3.0
@@ -85,6 +86,8 @@ class InferenceHandler:
         models: ModelRoutes | None = None,
     ) -> None:
         self._models = models or ModelRoutes()
+        self._cooling: dict[str, float] = {}
+        """Machines that answered 429, until when they asked to be left alone."""
         self._keys = keys
         self._strategies = strategies
         self._directory = directory
@@ -115,16 +118,24 @@ class InferenceHandler:
         blocks = prefix_blocks(prompt) if strategy is Strategy.CACHE_AWARE else []
         outcome = "failed"
         route: Route | None = None
-        started = time.monotonic()
-        timing = Timing(started)
+        """The machine answering, once one took the request."""
+        trying: Route | None = None
+        """The machine being asked, between its `routed` and its `finished`."""
+        timing = Timing(time.monotonic())
         try:
-            for route in self._balancer.rank(routes, command, blocks, strategy)[:MAX_TRIES]:
-                await self._balancer.routed(route, command, blocks)
-                try:
-                    response = await self._open(route, command, payload)
-                except UpstreamFailed:
-                    await self._finished(route, command, timing, ok=False)
+            ranked = self._warm_first(self._balancer.rank(routes, command, blocks, strategy))
+            for index, candidate in enumerate(ranked[:MAX_TRIES]):
+                if index and not self._balancer.allowed(candidate):
                     continue
+                trying = candidate
+                await self._balancer.routed(candidate, command, blocks)
+                try:
+                    response = await self._open(candidate, command, payload)
+                except UpstreamFailed:
+                    trying = None
+                    await self._finished(candidate, command, timing, ok=False)
+                    continue
+                route = candidate
                 try:
                     if command.stream and response.status == 200:
                         await self._relay(
@@ -139,15 +150,14 @@ class InferenceHandler:
                     meter.feed_body(_decoded(whole))
                     outcome = "completed"
                 return self._done(route, model, meter, price, status=response.status, body=whole)
-            route = None
             raise Unavailable(f"no machine serving {model} could take the request")
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
         finally:
-            if route is not None:
-                await self._finished(route, command, timing, ok=outcome != "failed")
-                await self._record(command, route, model, meter, price, outcome)
+            if trying is not None:
+                await self._finished(trying, command, timing, ok=outcome != "failed")
+            await self._record(command, route, model, meter, price, outcome)
 
     async def _finished(
         self, route: Route, command: Inference, timing: Timing, *, ok: bool
@@ -207,10 +217,35 @@ class InferenceHandler:
             # Unreachable, silent, or at an address we refuse: the next machine may serve.
             log.warning("instance %s not taken: %s", route.instance_id, exc)
             raise UpstreamFailed from exc
+        if 300 <= response.status < 400:
+            # Never followed: a machine pointing elsewhere could point anywhere.
+            log.warning("instance %s answered a redirect; not followed", route.instance_id)
+            await response.aclose()
+            raise UpstreamFailed
         if response.status in PASSED_OVER:
+            if response.status == 429:
+                self._cool(route.instance_id, response.header("retry-after"))
             await response.aclose()
             raise UpstreamFailed
         return response
+
+    def _cool(self, instance_id: str, retry_after: str | None) -> None:
+        """A machine that said "too many requests" gets none from this replica for as long
+        as it asked (`Retry-After` in seconds; 1 s when it did not say, 60 s at most)."""
+        seconds = 1.0
+        if retry_after is not None and retry_after.strip().isdigit():
+            seconds = min(float(retry_after.strip()), MAX_COOLING_SECONDS)
+        self._cooling[instance_id] = time.monotonic() + seconds
+
+    def _warm_first(self, ranked: list[Route]) -> list[Route]:
+        """The ranking with machines still cooling down moved to the end, in their order."""
+        now = time.monotonic()
+        cooling = {i for i, until in self._cooling.items() if until > now}
+        if len(cooling) < len(self._cooling):
+            self._cooling = {i: u for i, u in self._cooling.items() if i in cooling}
+        if not cooling:
+            return ranked
+        return sorted(ranked, key=lambda r: r.instance_id in cooling)
 
     async def _relay(
         self,
@@ -288,13 +323,14 @@ class InferenceHandler:
     async def _record(
         self,
         command: Inference,
-        route: Route,
+        route: Route | None,
         model: str,
         meter: UsageMeter,
         price: ModelPrice,
         outcome: str,
     ) -> None:
-        usage = meter.usage()
+        # No machine took it: nothing ran, nothing is owed.
+        usage = meter.usage() if route is not None else Usage()
         event = InferenceUsed(
             event_id=f"inference-{command.command_id}",
             occurred_at_ms=int(time.time() * 1000),
@@ -302,8 +338,8 @@ class InferenceHandler:
             command_id=command.command_id,
             owner=command.actor,
             model=model,
-            instance_id=route.instance_id,
-            provider=route.provider,
+            instance_id=route.instance_id if route else "",
+            provider=route.provider if route else "",
             api=command.api,
             usage=usage,
             price_input_micros=price.input,

@@ -23,11 +23,13 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from bus.events import EventPublisher
 from bus.tasks import cancel_and_wait
 from schemas import subjects
 from schemas.balancing import Finished, LoadMessage, Routed, Strategy
 from schemas.commands import Inference
 from workers.proxy.balancing import Candidate, RoutingRequest, choose
+from workers.proxy.breaker import CircuitBreakers
 from workers.proxy.directory import Route
 from workers.proxy.loadbook import LoadBook
 
@@ -44,10 +46,20 @@ def _now_ms() -> int:
 
 
 class Balancer:
-    def __init__(self, nc: Client, *, replica: str) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        replica: str,
+        events: EventPublisher | None = None,
+        request_timeout: float = 300.0,
+    ) -> None:
         self._nc = nc
         self._replica = replica
+        self._events = events
         self.book = LoadBook(replica)
+        # A probe that never answers counts as failed once no request could still be running.
+        self.breakers = CircuitBreakers(probe_timeout_ms=int((request_timeout + 30) * 1000))
         self._rng = random.Random()  # noqa: S311 - spreading load, not secrecy
         self._sub: Subscription | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -65,6 +77,8 @@ class Balancer:
     def rank(
         self, routes: list[Route], command: Inference, blocks: list[int], strategy: Strategy
     ) -> list[Route]:
+        usable = set(self.breakers.usable([r.instance_id for r in routes], now_ms=_now_ms()))
+        routes = [r for r in routes if r.instance_id in usable]
         by_id = {r.instance_id: r for r in routes}
         candidates = [
             Candidate(
@@ -118,9 +132,16 @@ class Balancer:
 
     def forget(self, instance_id: str) -> None:
         self.book.forget(instance_id)
+        self.breakers.forget(instance_id)
+
+    def allowed(self, route: Route) -> bool:
+        """Whether the machine's breaker lets a request through now (checked again before
+        each fallback: the probe of a half-open machine is taken by the first request)."""
+        return self.breakers.allowed(route.instance_id, now_ms=_now_ms())
 
     async def _tell(self, message: LoadMessage) -> None:
         self.book.apply(message, now_ms=message.at_ms)
+        self.breakers.apply(message, now_ms=message.at_ms)
         try:
             await self._nc.publish(subjects.LOAD, _encoder.encode(message))
         except Exception as exc:
@@ -133,11 +154,26 @@ class Balancer:
         except msgspec.DecodeError:
             return
         if message.replica != self._replica:
-            self.book.apply(message, now_ms=_now_ms())
+            now = _now_ms()
+            self.book.apply(message, now_ms=now)
+            self.breakers.apply(message, now_ms=now)
 
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(SNAPSHOT_SECONDS)
             now = _now_ms()
             self.book.prune(now)
+            self.breakers.tick(now)
             await self._tell(self.book.snapshot(now_ms=now))
+            await self._announce()
+
+    async def _announce(self) -> None:
+        """Publish the breakers' changes. Every replica sees the same ones and publishes
+        them under the same ids, so the event log keeps each once."""
+        for change in self.breakers.changes():
+            if self._events is None:
+                continue
+            try:
+                await self._events.publish(change)
+            except Exception as exc:
+                log.warning("circuit change not published: %s", type(exc).__name__)
