@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 import openai
@@ -24,6 +25,7 @@ from bus.topology import declare_bucket
 from schemas import subjects, topology
 from schemas.events import InferenceUsed
 from schemas.gpus import Instance, InstanceState, ProviderName
+from simulator.upstream import DEFAULT_MODEL
 from tests.e2e.system import System
 from tests.providers.test_sim_upstream import Server, started
 
@@ -72,19 +74,39 @@ async def served(client: openai.AsyncOpenAI, model: str, *, count: int = 1) -> N
     raise AssertionError(f"{model} never served by {count} machines")
 
 
-async def usage_events(nc: Client) -> list[InferenceUsed]:
+E = TypeVar("E")
+
+
+async def events_of(nc: Client, aggregate: str, fact: str, kind: type[E]) -> list[E]:
+    """Every event of one kind in the log so far, oldest first."""
     sub = await nc.jetstream().subscribe(
-        subjects.event("usage", "inference"), stream=topology.EVENT_STREAM, ordered_consumer=True
+        subjects.event(aggregate, fact), stream=topology.EVENT_STREAM, ordered_consumer=True
     )
-    found: list[InferenceUsed] = []
+    found: list[E] = []
     while True:
         try:
             msg = await sub.next_msg(timeout=1)
         except TimeoutError:
             break
-        found.append(msgspec.json.decode(msg.data, type=InferenceUsed))
+        found.append(msgspec.json.decode(msg.data, type=kind))
     await sub.unsubscribe()
     return found
+
+
+async def usage_events(nc: Client) -> list[InferenceUsed]:
+    return await events_of(nc, "usage", "inference", InferenceUsed)
+
+
+async def ask_repeatedly(
+    client: openai.AsyncOpenAI, times: int
+) -> list[openai.types.chat.ChatCompletion]:
+    """`times` short chat completions, one after the other."""
+    return [
+        await client.chat.completions.create(
+            model=DEFAULT_MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=2
+        )
+        for _ in range(times)
+    ]
 
 
 def sdk(system: System, *, timeout: float = 30) -> openai.AsyncOpenAI:

@@ -11,16 +11,22 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
-import msgspec
 import openai
 import pytest
 from nats.aio.client import Client
 
-from schemas import subjects, topology
 from schemas.events import InstanceCircuitChanged
 from schemas.subjects import WorkerKind
 from simulator.upstream import DEFAULT_MODEL
-from tests.e2e.machines import register, sdk, served, sim_machine, usage_events
+from tests.e2e.machines import (
+    ask_repeatedly,
+    events_of,
+    register,
+    sdk,
+    served,
+    sim_machine,
+    usage_events,
+)
 from tests.e2e.system import System, running_system
 from workers.proxy.usage import estimate_tokens
 
@@ -73,12 +79,7 @@ async def test_a_machine_that_refuses_is_passed_over_before_anything_is_sent(
         await register(nc, healthy, owner=proxied.admin_id)
         async with sdk(proxied) as client:
             await served(client, DEFAULT_MODEL, count=2)
-            answers = [
-                await client.chat.completions.create(
-                    model=DEFAULT_MODEL, messages=PROMPT, max_tokens=2
-                )
-                for _ in range(4)
-            ]
+            answers = await ask_repeatedly(client, 4)
     assert all(a.choices[0].message.content for a in answers)
 
 
@@ -130,12 +131,7 @@ async def test_a_machine_that_says_too_many_requests_is_left_alone_as_long_as_it
         await register(nc, healthy, owner=proxied.admin_id)
         async with sdk(proxied) as client:
             await served(client, DEFAULT_MODEL, count=2)
-            answers = [
-                await client.chat.completions.create(
-                    model=DEFAULT_MODEL, messages=PROMPT, max_tokens=2
-                )
-                for _ in range(6)
-            ]
+            answers = await ask_repeatedly(client, 6)
         async with httpx.AsyncClient(timeout=5) as http:
             asked = (await http.get(f"{throttled.url}/sim/stats")).json()["requests"]
     assert all(a.choices[0].message.content for a in answers)
@@ -153,10 +149,7 @@ async def test_a_machine_that_keeps_failing_is_taken_out_and_the_change_is_an_ev
         await register(nc, healthy, owner=proxied.admin_id)
         async with sdk(proxied) as client:
             await served(client, DEFAULT_MODEL, count=2)
-            for _ in range(14):
-                await client.chat.completions.create(
-                    model=DEFAULT_MODEL, messages=PROMPT, max_tokens=2
-                )
+            await ask_repeatedly(client, 14)
         async with httpx.AsyncClient(timeout=5) as http:
             asked = (await http.get(f"{failing.url}/sim/stats")).json()["requests"]
         changes = await circuit_events(nc)
@@ -166,17 +159,4 @@ async def test_a_machine_that_keeps_failing_is_taken_out_and_the_change_is_an_ev
 
 async def circuit_events(nc: Client) -> list[InstanceCircuitChanged]:
     await asyncio.sleep(1.5)  # the replicas' next tick publishes the change
-    sub = await nc.jetstream().subscribe(
-        subjects.event("instance", "circuit_changed"),
-        stream=topology.EVENT_STREAM,
-        ordered_consumer=True,
-    )
-    found: list[InstanceCircuitChanged] = []
-    while True:
-        try:
-            msg = await sub.next_msg(timeout=1)
-        except TimeoutError:
-            break
-        found.append(msgspec.json.decode(msg.data, type=InstanceCircuitChanged))
-    await sub.unsubscribe()
-    return found
+    return await events_of(nc, "instance", "circuit_changed", InstanceCircuitChanged)
