@@ -161,6 +161,15 @@ class ReleaseReservation(CommandBase, frozen=True, kw_only=True, tag="reservatio
     reservation_id: str
 
 
+class ShareInstance(CommandBase, frozen=True, kw_only=True, tag="instance_share"):
+    """Let every account's inference use an instance (admins only), or stop sharing it."""
+
+    on_caller_left: ClassVar[Departure] = Departure.FINISH
+
+    instance_id: str
+    shared: bool
+
+
 ProvisionerCommand = (
     SearchOffers
     | FindGpu
@@ -173,6 +182,7 @@ ProvisionerCommand = (
     | ListReservations
     | RenewReservation
     | ReleaseReservation
+    | ShareInstance
 )
 
 

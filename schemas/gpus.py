@@ -194,6 +194,8 @@ class Instance(msgspec.Struct, frozen=True, kw_only=True):
     claim_until_ms: int = 0
     """The claim holds until then; its holder renews it while the provider call runs, so a
     claim that lapses means its holder died and another attempt may take over."""
+    shared: bool = False
+    """An admin shared it: it serves every account's inference, not only its owner's."""
 
 
 class ReservationState(enum.StrEnum):

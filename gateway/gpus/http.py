@@ -19,7 +19,7 @@ from starlette.routing import Route
 from gateway.accounts.service import AccountService
 from gateway.auth import principal
 from gateway.auth.http_guard import HttpGuard
-from gateway.auth.policy import GPUS
+from gateway.auth.policy import ADMIN, GPUS
 from gateway.gpus import requests
 from gateway.gpus.preferences import PreferencesBody, PreferenceStore
 from gateway.gpus.requests import FilterBody
@@ -52,6 +52,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     env: dict[str, str] = {}
     ports: list[int] = []
     disk_gb: int = 0
+
+
+class ShareBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    shared: bool
 
 
 class CreateBody(Config, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -195,6 +199,14 @@ def routes(
                 "message": done.message,
                 "instance": instance_json(done.instance),
             },
+        )
+
+    async def share(request: Request) -> Response:
+        instance_id = requests.identifier(request.path_params["id"], field="instance_id")
+        asked = await body(request, ShareBody)
+        done = await gpus.share(principal.current(), instance_id, asked.shared)
+        return json_response(
+            200, {"message": done.message, "instance": instance_json(done.instance)}
         )
 
     async def mine(request: Request) -> Response:
@@ -346,6 +358,13 @@ def routes(
         route("/instances/mine", mine, "GET", LIST_FILTERS),
         route("/instances/batch", batch, "POST"),
         route("/instances/reserve", reserve, "POST"),
+        # Before `{provider}/{id}`, which its path would otherwise match.
+        guard.route(
+            "/api/v1/gpu/instances/{id}/share",
+            only(share),
+            methods=["POST"],
+            requirement=ADMIN,
+        ),
         route("/instances/{provider}/{id}", one, "GET"),
         route("/instances/{provider}/{id}", create, "POST"),
         route("/instances/{provider}/{id}", destroy, "DELETE"),

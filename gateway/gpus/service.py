@@ -25,6 +25,7 @@ from schemas.commands import (
     RenewReservation,
     Reserve,
     SearchOffers,
+    ShareInstance,
 )
 from schemas.errors import Internal
 from schemas.gpus import Instance, LaunchSpec, OfferQuery, ProviderName
@@ -121,6 +122,12 @@ class GpuService:
             **self._who(caller, idempotency_key, key_field),
             provider=provider,
             instance_id=instance_id,
+        )
+        return await self._call(command, InstanceView)
+
+    async def share(self, caller: Principal, instance_id: str, shared: bool) -> InstanceView:
+        command = ShareInstance(
+            **self._who(caller, None, ""), instance_id=instance_id, shared=shared
         )
         return await self._call(command, InstanceView)
 

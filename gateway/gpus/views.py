@@ -65,6 +65,7 @@ def instance_json(instance: Instance) -> dict[str, Any]:
         "vram_gb": instance.vram_gb,
         "location": instance.location,
         "endpoint": inference_target(instance),
+        "shared": instance.shared,
         "price_per_hour": units(instance.price_per_hour_micros),
         "price_per_hour_micros": instance.price_per_hour_micros,
         "reservation_id": instance.reservation_id,

@@ -20,7 +20,7 @@ from schemas.gpus import Instance
 from schemas.prices import DEFAULT_PRICES, cost_micros
 from simulator.upstream import DEFAULT_MODEL
 from tests.e2e.machines import usage_events
-from tests.e2e.system import System, running_system
+from tests.e2e.system import System, operator_key, running_system
 from tests.provisioner.harness import fast_config
 from workers.proxy.config import ProxyConfig
 
@@ -200,3 +200,42 @@ async def test_every_request_leaves_one_priced_usage_event(
         cached_tokens=0,
         output_tokens=made.usage.completion_tokens,
     )
+
+
+async def test_an_instance_an_admin_shares_serves_every_account(
+    system: System,
+    http: httpx.AsyncClient,
+    served: openai.AsyncOpenAI,
+    reserved: dict[str, Any],
+    nats_url: str,
+    migrated_database: str,
+) -> None:
+    instance_id = reserved["instances"][0]["id"]
+    _, key, _ = await operator_key(nats_url, migrated_database, role="user")
+    async with openai.AsyncOpenAI(
+        base_url=f"{system.http_base}/v1", api_key=key, max_retries=0, timeout=30
+    ) as user:
+        with pytest.raises(openai.NotFoundError):
+            await user.chat.completions.create(model=DEFAULT_MODEL, messages=PROMPT)
+        refused = await http.post(
+            f"/api/v1/gpu/instances/{instance_id}/share",
+            json={"shared": True},
+            headers={"x-api-key": key},
+        )
+        shared = await http.post(
+            f"/api/v1/gpu/instances/{instance_id}/share",
+            json={"shared": True},
+            headers={"x-api-key": system.api_key},
+        )
+        assert shared.status_code == 200, shared.text
+        for _ in range(100):
+            if (await user.models.list()).data:
+                break
+            await asyncio.sleep(0.05)
+        answer = await user.chat.completions.create(
+            model=DEFAULT_MODEL, messages=PROMPT, max_tokens=2
+        )
+    assert refused.status_code == 403
+    assert shared.status_code == 200, shared.text
+    assert shared.json()["instance"]["shared"] is True
+    assert answer.choices[0].message.content

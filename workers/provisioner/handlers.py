@@ -35,6 +35,7 @@ from schemas.commands import (
     RenewReservation,
     Reserve,
     SearchOffers,
+    ShareInstance,
     is_keyed,
 )
 from schemas.errors import (
@@ -129,6 +130,7 @@ class Provisioning:
             ListReservations: self.list_reservations,
             RenewReservation: _finishing(self.renew),
             ReleaseReservation: _finishing(self.release),
+            ShareInstance: _finishing(self.share),
         }
 
     async def stop(self) -> None:
@@ -150,6 +152,22 @@ class Provisioning:
         task = asyncio.create_task(follow(), name=f"follow-{instance.id}")
         self._followers.add(task)
         task.add_done_callback(self._followers.discard)
+
+    async def share(self, command: ShareInstance, ctx: Context) -> InstanceView:
+        if not command.actor_admin:
+            raise PermissionDenied("only an admin shares an instance", field="instance_id")
+        found = await self._registry.instance(command.instance_id)
+        if found is None:
+            raise NotFound(f"instance {command.instance_id} does not exist", field="instance_id")
+        if found.state in TERMINAL_STATES:
+            raise FailedPrecondition(
+                f"instance {command.instance_id} is {found.state}", field="instance_id"
+            )
+        changed = await self._registry.amend(
+            command.instance_id, lambda i: msgspec.structs.replace(i, shared=command.shared)
+        )
+        shared = "shared with every account" if command.shared else "its owner's alone"
+        return InstanceView(instance=changed or found, message=f"the instance is {shared}")
 
     # --- offers ------------------------------------------------------------------------------
 

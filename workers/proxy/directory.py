@@ -174,7 +174,9 @@ class Directory:
         if not instance.endpoint:
             return
         current = self._routes.get(key)
-        if current is not None and current.endpoint == instance.endpoint:
+        if current is not None and current.endpoint == instance.endpoint.rstrip("/"):
+            if current.shared != instance.shared:
+                self._routes[key] = msgspec.structs.replace(current, shared=instance.shared)
             return
         self._learn(
             Route(
@@ -186,6 +188,7 @@ class Directory:
                 price_per_hour_micros=instance.price_per_hour_micros,
                 vram_gb=instance.vram_gb,
                 provider_id=instance.provider_id,
+                shared=instance.shared,
             )
         )
 

@@ -23,6 +23,7 @@ framing.
 
 from __future__ import annotations
 
+import io
 import socket
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
@@ -156,6 +157,10 @@ class UpstreamResponse:
         await self.aclose()
 
 
+LARGE_BODY = 1024 * 1024
+"""Bytes past which a request body is streamed to the machine rather than written at once."""
+
+
 class UpstreamPool:
     """A pool of keep-alive connections per instance, each connection to a checked address."""
 
@@ -204,7 +209,9 @@ class UpstreamPool:
                 method,
                 request_url,
                 headers=[(k, v) for k, v in _pairs(headers) if k.lower() not in _OURS],
-                data=body or None,
+                # aiohttp writes a large bytes body in one go from the event loop (and warns);
+                # a stream of it is written in pieces.
+                data=(io.BytesIO(body) if len(body) > LARGE_BODY else body) or None,
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(
                     total=None,
