@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,8 @@ class Job:
     pieces_consumed: int = 0
     """What the caller said it has taken (`Credit`): at most `CREDIT_WINDOW` more go out."""
     credit_waiter: asyncio.Future[None] | None = None
+    effects: list[Awaitable[None]] = field(default_factory=list)
+    """Work the handler left for after the answer (`Context.after`)."""
 
     def head(self, seq: int) -> dict[str, Any]:
         return {"command_id": self.command_id, "attempt": self.attempt, "seq": seq}
@@ -102,6 +104,12 @@ class Context:
     def caller_left(self) -> bool:
         """The command is being cancelled because its caller went away (not a shutdown)."""
         return self._job.cancel_reason is not None
+
+    def after(self, effect: Awaitable[None]) -> None:
+        """Run `effect` once the caller has its answer, before the command is acked: a fact
+        to record (a usage event) costs the caller no latency, yet a crash before it is
+        stored redelivers the command instead of losing it. `effect` handles its own errors."""
+        self._job.effects.append(effect)
 
     async def send(self, body: bytes) -> None:
         """Stream a piece of the answer to the caller now."""

@@ -64,6 +64,12 @@ PULSE_SECONDS = 1.0
 takes a few of them missing for a dead worker (`Inbox.next`'s `silence`)."""
 
 
+def _drained(job: Job) -> list[Awaitable[None]]:
+    """The job's after-answer effects, handed over once."""
+    effects, job.effects = job.effects, []
+    return effects
+
+
 class _StoreFailed(Exception):
     """JetStream did not confirm an outcome in time: the message must not be acked."""
 
@@ -260,6 +266,10 @@ class CommandRuntime:
             log.warning("command %s: not settled (%s); JetStream redelivers", job.key, exc)
         finally:
             self._jobs.pop(job.key, None)
+            leftover = _drained(job)  # a path that ended without them (a rejection)
+            if leftover:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(asyncio.gather(*leftover))
             assert self._consumer is not None
             self._consumer.release()
 
@@ -300,13 +310,14 @@ class CommandRuntime:
         except asyncio.CancelledError:
             if job.cancel_reason is None:
                 # Shutdown: hand the command to another replica straight away.
-                await asyncio.shield(self._hand_back(msg))
+                await asyncio.shield(asyncio.gather(self._hand_back(msg), *_drained(job)))
                 raise
             # The caller left: this run had no effects (or undid them), so it is no answer.
             await self._withdraw(job, Cancelled(job.cancel_reason))
         except Exception as exc:
             # Log the type only: an unexpected exception's text may quote request content.
             log.exception("command %s failed unexpectedly (%s)", job.key, type(exc).__name__)
+            await asyncio.gather(*_drained(job))
             await self._retry(
                 job, min(2.0**job.attempt, 30.0), Internal("internal error").to_info()
             )
@@ -373,9 +384,10 @@ class CommandRuntime:
         the answer is there for a retry before the command leaves the stream.
         """
         await self._reply_terminal(job, outcome)
-        stored = await self._stores.publish(
+        store = self._stores.publish(
             f"{self._results_prefix}{job.command_id}", encode(outcome), self._store_timeout
         )
+        stored, *_ = await asyncio.gather(store, *_drained(job))
         if not stored:
             raise _StoreFailed
 

@@ -44,6 +44,8 @@ log = logging.getLogger("gpuproxy.proxy.inference")
 
 PASSED_OVER = frozenset({429, 500, 502, 503, 504})
 """Upstream statuses that send the request to the next machine (before anything was sent)."""
+RECORD_PATIENCE = 30.0
+"""Seconds a usage event is sent again while JetStream does not confirm it."""
 MAX_COOLING_SECONDS = 60.0
 MAX_TRIES = 3
 """Machines one request is offered to before it fails."""
@@ -157,7 +159,8 @@ class InferenceHandler:
         finally:
             if trying is not None:
                 await self._finished(trying, command, timing, ok=outcome != "failed")
-            await self._record(command, route, model, meter, price, outcome)
+            # Recorded once the client has its answer, before the command is acked.
+            ctx.after(self._record(command, route, model, meter, price, outcome))
 
     async def _finished(
         self, route: Route, command: Inference, timing: Timing, *, ok: bool
@@ -349,10 +352,22 @@ class InferenceHandler:
             outcome=outcome,
             streamed=command.stream,
         )
-        try:
-            await asyncio.shield(self._events.publish(event))
-        except Exception:
-            log.exception("usage of %s not recorded", command.command_id)
+        # Its id makes sending again harmless: a lost acknowledgement costs a repeat, not a
+        # second charge. Given up only after half a minute of a bus that takes nothing.
+        pause = 0.05
+        deadline = time.monotonic() + RECORD_PATIENCE
+        while True:
+            try:
+                await self._events.publish(event)
+                return
+            except Exception as exc:
+                if time.monotonic() >= deadline:
+                    log.error(
+                        "usage of %s not recorded (%s)", command.command_id, type(exc).__name__
+                    )
+                    return
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
 
 
 def _cost(price: ModelPrice, usage: Usage) -> int:
