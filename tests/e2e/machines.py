@@ -37,12 +37,16 @@ def sim_machine(tmp_path: Path, *args: str) -> Iterator[Server]:
         yield server
 
 
-async def register(nc: Client, server: Server, *, owner: str) -> str:
+async def register(nc: Client, server: Server, *, owner: str, price_micros: int = 1_000_000) -> str:
     """Record the machine as a running `sim` instance of `owner`; returns its id."""
-    return await register_endpoint(nc, server.url, owner=owner, provider="sim")
+    return await register_endpoint(
+        nc, server.url, owner=owner, provider="sim", price_micros=price_micros
+    )
 
 
-async def register_endpoint(nc: Client, endpoint: str, *, owner: str, provider: str) -> str:
+async def register_endpoint(
+    nc: Client, endpoint: str, *, owner: str, provider: str, price_micros: int = 1_000_000
+) -> str:
     """Record a running instance of `provider` at `endpoint`, owned by `owner`."""
     instance_id = f"i-{uuid.uuid4().hex[:12]}"
     now = int(time.time() * 1000)
@@ -54,7 +58,7 @@ async def register_endpoint(nc: Client, endpoint: str, *, owner: str, provider: 
         state=InstanceState.RUNNING,
         provider_id=f"test-{instance_id}",
         endpoint=endpoint,
-        price_per_hour_micros=1_000_000,
+        price_per_hour_micros=price_micros,
         vram_gb=24,
         created_at_ms=now,
         state_since_ms=now,

@@ -25,6 +25,9 @@ from tests.providers.test_sim_upstream import Server
 
 pytestmark = pytest.mark.slow
 
+PRICES = [1_000_000, 2_000_000, 4_000_000, 4_000_000]
+"""Hourly prices of the four machines (24 GB each): weights 4:2:1:1 by VRAM per price."""
+
 TURNS = [
     "You are a careful assistant who answers questions about geography in detail.",
     "Which rivers cross the most countries, and why do their basins matter?",
@@ -52,8 +55,8 @@ async def fleet(
             gpuproxy(["worker", "proxy"], env, tmp_path / "proxy-a.log"),
             gpuproxy(["worker", "proxy"], env, tmp_path / "proxy-b.log"),
         ):
-            for machine in machines:
-                await register(nc, machine, owner=system.admin_id)
+            for machine, price in zip(machines, PRICES, strict=True):
+                await register(nc, machine, owner=system.admin_id, price_micros=price)
             async with openai.AsyncOpenAI(
                 base_url=f"{system.http_base}/v1", api_key=system.api_key, max_retries=0
             ) as client:
@@ -189,3 +192,39 @@ async def test_strategy_and_load_are_read_and_set_on_both_doors(
     assert [row["instance_id"] for row in one.json()["instances"]] == [one_id]
     assert over_grpc.current_strategy == "power_of_two"
     assert len(over_grpc.server_load) == 4
+
+
+async def ask(client: openai.AsyncOpenAI, times: int) -> None:
+    for _ in range(times):
+        await client.chat.completions.create(
+            model=DEFAULT_MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=1
+        )
+
+
+async def test_the_other_strategies_spread_as_they_promise_over_both_replicas(
+    fleet: tuple[System, openai.AsyncOpenAI], machines: list[Server]
+) -> None:
+    system, client = fleet
+    shares: dict[str, list[int]] = {}
+    for strategy in (
+        "weighted_round_robin",
+        "equal_weighted",
+        "least_cost",
+        "random",
+        "power_of_two",
+        "least_response_time",
+    ):
+        await choose(system, strategy)
+        before = await served_counts(machines)
+        await ask(client, 40)
+        after = await served_counts(machines)
+        shares[strategy] = [b - a for a, b in zip(before, after, strict=True)]
+    assert all(sum(s) == 40 for s in shares.values()), shares
+    weighted = shares["weighted_round_robin"]
+    assert all(abs(got - want) <= 2 for got, want in zip(weighted, [20, 10, 5, 5], strict=True))
+    assert max(shares["equal_weighted"]) - min(shares["equal_weighted"]) <= 2
+    assert shares["least_cost"][0] == 40  # the cheapest machine, while it keeps up
+    assert min(shares["random"]) >= 1
+    assert sum(1 for n in shares["power_of_two"] if n) >= 2
+    # By now every machine's response time is known: the fastest takes most requests.
+    assert max(shares["least_response_time"]) >= 20
