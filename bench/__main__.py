@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--only b1,o1] [--json PATH]`: see bench/__init__.py."""
+"""`python -m bench [--quick] [--only b1,o1] [--peers] [--json PATH]`: see bench/__init__.py."""
 
 from __future__ import annotations
 
@@ -21,13 +21,21 @@ def parse(argv: list[str]) -> argparse.Namespace:
         prog="python -m bench",
         description="Measure gpuproxy's command path against baselines measured in the same run.",
         epilog="scenarios: "
-        + "; ".join(f"{s.name} = {s.title}" for s in SCENARIOS)
+        + "; ".join(
+            f"{s.name} = {s.title}{' (on request)' if s.on_request else ''}" for s in SCENARIOS
+        )
         + ". Exit status 1 when a scenario fails (a wrong answer or a timeout); a missed "
         "target alone is not a failure.",
     )
     parser.add_argument("--quick", action="store_true", help="few calls: a smoke test for CI")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
     parser.add_argument("--only", metavar="NAME[,NAME]", help="run only these scenarios")
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="also run the LiteLLM proxy on the same load (installed once from PyPI into "
+        "~/.cache/gpuproxy-bench, which takes minutes), and I0 and I1 beside it",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines, the report only")
     return parser.parse_args(argv)
 
@@ -35,7 +43,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     try:
-        scenarios = select(args.only)
+        scenarios = select(args.only, peers=args.peers)
     except ValueError as exc:
         print(f"bench: --only: {exc}", file=sys.stderr)
         return 2

@@ -89,7 +89,7 @@ class ChatFindings:
         ]
         for ours in self.figures:
             for path in paths:
-                figures = path._figures(ours.streamed, ours.concurrency)
+                figures = path.figures_at(ours.streamed, ours.concurrency)
                 if figures is None:
                     continue
                 out.append(
@@ -99,7 +99,7 @@ class ChatFindings:
                     f"{_ms(figures.ttft_p99_ms):>10}"
                 )
             if base is not None:
-                added = _added(ours, base._figures(ours.streamed, ours.concurrency))
+                added = added_over(ours, base.figures_at(ours.streamed, ours.concurrency))
                 out.append(
                     f"{'':<11}  {'added':<14}{format_ratio(added['requests_per_s_ratio']):>9}"
                     f"{_plus(added['p50_added_ms']):>9}{_plus(added['p99_added_ms']):>9}"
@@ -119,7 +119,7 @@ class ChatFindings:
                 if base is None
                 else [
                     {"mode": f.mode, "concurrency": f.concurrency}
-                    | _added(f, base._figures(f.streamed, f.concurrency))
+                    | added_over(f, base.figures_at(f.streamed, f.concurrency))
                     for f in self.figures
                 ]
             ),
@@ -129,14 +129,14 @@ class ChatFindings:
         base = found.get(self.baseline or "")
         return base if isinstance(base, ChatFindings) else None
 
-    def _figures(self, streamed: bool, concurrency: int) -> ChatFigures | None:
+    def figures_at(self, streamed: bool, concurrency: int) -> ChatFigures | None:
         return next(
             (f for f in self.figures if (f.streamed, f.concurrency) == (streamed, concurrency)),
             None,
         )
 
 
-def _added(ours: ChatFigures, base: ChatFigures | None) -> dict[str, float | None]:
+def added_over(ours: ChatFigures, base: ChatFigures | None) -> dict[str, float | None]:
     """Ours against the baseline's same mode and concurrency: a ratio of rates, ms added."""
 
     def minus(a: float | None, b: float | None) -> float | None:

@@ -131,8 +131,16 @@ class Gateway:
 
 @contextlib.asynccontextmanager
 async def gateway_in_front(
-    workdir: Path, machines: Sequence[Machine], http: aiohttp.ClientSession
+    workdir: Path,
+    machines: Sequence[Machine],
+    http: aiohttp.ClientSession,
+    *,
+    proxies: int = 1,
+    settings: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Gateway]:
+    """gpuproxy in front of `machines` with `proxies` proxy workers; `settings` are more
+    environment variables for gpuproxy's processes (`GPUPROXY_WORKER_WINDOW=...`). A machine
+    listed twice is recorded as two instances, each with its own pool in the proxy."""
     http_port = free_port()
     operator = {
         "GPUPROXY_ADMIN_EMAIL": "bench@gpuproxy.local",
@@ -148,23 +156,26 @@ async def gateway_in_front(
             GRPC_PORT=str(free_port()),
             LOG_LEVEL="warning",
             JWT_SECRET=secrets.token_urlsafe(48),
+            **(settings or {}),
         )
         database_url = env["DATABASE_URL"]
         await asyncio.to_thread(migrate.upgrade, database_url)
         await asyncio.to_thread(first_admin.ensure, database_url, operator)
-        logs = {"proxy": workdir / "proxy.log", "gateway": workdir / "gateway.log"}
-        # Entered in this order, left in the reverse: the gateway stops before the worker.
-        with (
-            child_process(
-                _gpuproxy("proxy", "worker", "proxy"), env=env, log_path=logs["proxy"]
-            ) as proxy,
-            child_process(
-                _gpuproxy("gateway", "gateway"), env=env, log_path=logs["gateway"]
-            ) as gateway,
-        ):
-            watched = {"proxy": proxy, "gateway": gateway}
+        workers = [f"proxy-{n}" if n else "proxy" for n in range(proxies)]
+        logs = {name: workdir / f"{name}.log" for name in [*workers, "gateway"]}
+        # Entered in this order, left in the reverse: the gateway stops before the workers.
+        with contextlib.ExitStack() as stack:
+            watched = {
+                name: stack.enter_context(
+                    child_process(_gpuproxy(name, "worker", "proxy"), env=env, log_path=logs[name])
+                )
+                for name in workers
+            }
+            watched["gateway"] = stack.enter_context(
+                child_process(_gpuproxy("gateway", "gateway"), env=env, log_path=logs["gateway"])
+            )
             base = f"http://127.0.0.1:{http_port}"
-            pids = {"gateway": gateway.pid, "proxy": proxy.pid, "nats-server": server.pid}
+            pids = {name: p.pid for name, p in watched.items()} | {"nats-server": server.pid}
             try:
                 await asyncio.gather(
                     wait_answering(http, machines), _wait_ready(http, base, watched)

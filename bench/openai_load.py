@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -71,8 +71,15 @@ class ChatClient:
     api_key: str = ""
 
     async def chat(
-        self, messages: list[dict[str, str]], *, stream: bool, max_tokens: int = MAX_TOKENS
+        self,
+        messages: list[dict[str, str]],
+        *,
+        stream: bool,
+        max_tokens: int = MAX_TOKENS,
+        on_first_token: Callable[[], None] | None = None,
     ) -> Answer:
+        """One completion, read to its end; `on_first_token` is called as a streamed
+        answer's first content chunk arrives, while the rest is still to come."""
         body = msgspec.json.encode(
             {
                 "model": DEFAULT_MODEL,
@@ -106,6 +113,8 @@ class ChatClient:
                 piece = _text_of(_decoded(data), streamed=True)
                 if piece and ttft is None:
                     ttft = clock() - start
+                    if on_first_token is not None:
+                        on_first_token()
                 pieces.append(piece)
             return Answer("".join(pieces), ttft, clock() - start)
 
@@ -126,10 +135,10 @@ def _text_of(completion: _Completion, *, streamed: bool) -> str:
 
 
 @contextlib.asynccontextmanager
-async def http_pool(timeout: float) -> AsyncIterator[aiohttp.ClientSession]:
-    """The one pool of keep-alive connections a scenario sends everything over; `timeout`
-    bounds one request, first byte to last."""
-    connector = aiohttp.TCPConnector(limit=POOL_SIZE, use_dns_cache=False)
+async def http_pool(timeout: float, size: int = POOL_SIZE) -> AsyncIterator[aiohttp.ClientSession]:
+    """The one pool of keep-alive connections a scenario sends everything over, at most
+    `size` of them; `timeout` bounds one request, first byte to last."""
+    connector = aiohttp.TCPConnector(limit=size, use_dns_cache=False)
     async with aiohttp.ClientSession(
         connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
     ) as http:

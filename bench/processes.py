@@ -46,7 +46,7 @@ def nats_server(workdir: Path) -> Iterator[NatsServer]:
 
 @contextlib.contextmanager
 def child_process(
-    args: Sequence[str], *, env: Mapping[str, str], log_path: Path
+    args: Sequence[str], *, env: Mapping[str, str], log_path: Path, cwd: Path = REPO_ROOT
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A child process with its output in `log_path`; SIGTERM at the end, SIGKILL if it hangs.
 
@@ -57,7 +57,7 @@ def child_process(
         process = subprocess.Popen(
             list(args),
             env=dict(env),
-            cwd=REPO_ROOT,
+            cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

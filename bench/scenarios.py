@@ -1,4 +1,8 @@
-"""The scenarios a run can pick from, baselines first, in the order they run."""
+"""The scenarios a run can pick from, baselines first, in the order they run.
+
+A few run only on request (`--only`, or `--peers` for the peer proxies): one installs a
+third-party proxy from PyPI, the other holds a thousand connections open for a minute.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ from bench.inference import open_direct, open_gateway
 from bench.inference_routing import open_routing
 from bench.measure import Plan, Session
 from bench.nats_raw import open_raw_nats
+from bench.open_streams import open_streams
+from bench.peers import COMPARED_WITH, open_litellm
 
 Opener = Callable[[Path, Plan], AbstractAsyncContextManager[Session]]
 
@@ -25,6 +31,8 @@ class Scenario:
     title: str
     what: str
     open: Opener
+    on_request: bool = False
+    """Left out of a run that names no scenarios."""
 
 
 SCENARIOS: tuple[Scenario, ...] = (
@@ -77,6 +85,14 @@ SCENARIOS: tuple[Scenario, ...] = (
         open_gateway,
     ),
     Scenario(
+        "p1",
+        "P1 chat via LiteLLM",
+        "I0's requests -> the LiteLLM proxy (`litellm --num_workers 2`, installed from PyPI "
+        "into its own venv) -> the same kind of machine (main table: whole); five processes",
+        open_litellm,
+        on_request=True,
+    ),
+    Scenario(
         "i2",
         "I2 routing (table below)",
         "16 concurrent multi-turn conversations (own or shared system prompt), streamed, via "
@@ -84,20 +100,35 @@ SCENARIOS: tuple[Scenario, ...] = (
         "and cache_aware; eight processes",
         open_routing,
     ),
+    Scenario(
+        "i3",
+        "I3 open streams (below)",
+        "1,000 SSE streams at once (200 with --quick) via the gateway and one proxy worker "
+        "(window 1100) to a machine sending a token a second; the gateway's RSS once every "
+        "stream has its first chunk; five processes",
+        open_streams,
+    ),
 )
+PEERS = ("p1",)
+"""The peer proxies `--peers` adds to a run, with the scenarios they are compared with."""
 
 
-def select(only: str | None) -> list[Scenario]:
-    """The scenarios named in `only` (comma separated, any case), in run order; all if None."""
-    if not only:
-        return list(SCENARIOS)
-    wanted = {name.strip().lower() for name in only.split(",") if name.strip()}
+def select(only: str | None, *, peers: bool = False) -> list[Scenario]:
+    """The scenarios named in `only` (comma separated, any case), in run order; without
+    names, all but those run on request. `peers` adds the peer proxies and the scenarios
+    they are compared with."""
     known = {s.name for s in SCENARIOS}
+    if only:
+        wanted = {name.strip().lower() for name in only.split(",") if name.strip()}
+    else:
+        wanted = {s.name for s in SCENARIOS if not s.on_request}
     unknown = sorted(wanted - known)
     if unknown:
         raise ValueError(
             f"unknown scenario {', '.join(unknown)}; choose from {', '.join(sorted(known))}"
         )
+    if peers:
+        wanted |= {*PEERS, *COMPARED_WITH}
     return [s for s in SCENARIOS if s.name in wanted]
 
 

@@ -193,7 +193,7 @@ async def test_a_path_that_breaks_under_load_names_the_cause_not_the_task_group(
 
 def test_only_selects_named_scenarios_in_run_order_and_refuses_unknown_ones() -> None:
     assert [s.name for s in select("O1,b1")] == ["b1", "o1"]
-    assert len(select(None)) == 8
+    assert len(select(None)) == 9
     with pytest.raises(ValueError, match="unknown scenario x9"):
         select("b1,x9")
 

@@ -35,6 +35,9 @@ from workers.proxy.strategies import LoadReport, Strategies
 from workers.proxy.upstream_client import UpstreamPool
 
 MODELS_TIMEOUT = 5.0
+MACHINE_CONNECTIONS = 1024
+"""Connections one proxy replica opens to one machine at most: a vLLM server batches
+hundreds of requests, and a request waits for a free connection only past this."""
 
 
 class ProxyService:
@@ -55,7 +58,10 @@ class ProxyService:
         js = nc.jetstream()
         replicas = self._worker.stream_replicas
         await declare_stream(js, topology.event_stream(replicas))
-        self._pool = UpstreamPool(allow=parse_allow_list(self._config.upstream_allow))
+        self._pool = UpstreamPool(
+            allow=parse_allow_list(self._config.upstream_allow),
+            max_connections=MACHINE_CONNECTIONS,
+        )
         secret = self._config.upstream_secret
         endpoints = self._config.static_endpoints
         keys = MachineKeys(UpstreamKeys(secret) if secret else None, endpoints)
