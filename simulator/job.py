@@ -15,7 +15,7 @@ import msgspec
 from simulator.errors import ApiError, missing
 
 DEFAULT_MAX_TOKENS = 16
-MAX_TOKENS_CAP = 131_072
+MAX_TOKENS_CAP = 1_048_576
 """Larger `max_tokens` is refused (400), as a real server refuses more than its context."""
 
 DEFAULT_DIMENSIONS = 8

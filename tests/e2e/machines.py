@@ -37,6 +37,24 @@ def sim_machine(tmp_path: Path, *args: str) -> Iterator[Server]:
         yield server
 
 
+@contextmanager
+def sim_machines(tmp_path: Path, count: int, *args: str) -> Iterator[list[Server]]:
+    """`count` machines, started together: each boots while the others do."""
+    servers = [
+        Server(
+            [*args, "--owner-pid", str(os.getpid())], tmp_path / f"sim-{uuid.uuid4().hex[:6]}.log"
+        )
+        for _ in range(count)
+    ]
+    try:
+        for server in servers:
+            server.wait_ready()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
 async def register(nc: Client, server: Server, *, owner: str, price_micros: int = 1_000_000) -> str:
     """Record the machine as a running `sim` instance of `owner`; returns its id."""
     return await register_endpoint(

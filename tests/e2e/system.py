@@ -79,10 +79,11 @@ async def worker_app(
             yield app
         finally:
             await app.stop()
-            # The sim marketplace's machines are this test's processes: none outlives it.
-            market = Market(Path(sim_dir))
-            for machine in market.machines():
-                market.destroy(machine.id)
+            if kind is WorkerKind.PROVISIONER:
+                # The sim marketplace's machines are this test's processes: none outlives it.
+                market = Market(provisioning.sim_dir if provisioning else Path(sim_dir))
+                for machine in market.machines():
+                    market.destroy(machine.id)
 
 
 @asynccontextmanager
