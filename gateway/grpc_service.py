@@ -25,7 +25,7 @@ from gateway.gpus.views import instance_proto, offer_proto, reservation_proto
 from gateway.health import Health
 from gateway.inference import grpc as inference_grpc
 from gateway.inference.balancing import Balancing
-from gateway.inference.service import InferenceService
+from gateway.inference.service import InferenceService, bounded_timeout
 from gateway.pb import gpuproxy_pb2 as pb
 from gateway.pb import gpuproxy_pb2_grpc as pb_grpc
 from schemas.errors import GpuproxyError, InvalidArgument, Unimplemented
@@ -344,7 +344,7 @@ class GPUProxyService(pb_grpc.GPUProxyServiceServicer):
             principal.current(),
             idempotency_key=self._idempotency_key(context),
         )
-        timeout = inference_grpc.timeout_of(request, self._inference_timeout(context))
+        timeout = bounded_timeout(request.timeout, self._inference_timeout(context))
         pieces = [
             m async for m in inference_grpc.answer(self._inference, command, "", timeout=timeout)
         ]

@@ -15,6 +15,8 @@ import enum
 
 import msgspec
 
+from schemas.errors import InvalidArgument
+
 
 class Strategy(enum.StrEnum):
     """How a proxy replica picks the machine for one inference request."""
@@ -29,6 +31,18 @@ class Strategy(enum.StrEnum):
     LEAST_COST = "least_cost"
     SESSION_AFFINITY = "session_affinity"
     CACHE_AWARE = "cache_aware"
+
+
+def strategy_named(name: str) -> Strategy:
+    """The strategy a caller named (any case, spaces around ignored); `InvalidArgument`
+    naming the field `strategy` and every known name when there is none by that name."""
+    try:
+        return Strategy(name.strip().lower())
+    except ValueError:
+        names = ", ".join(Strategy)
+        raise InvalidArgument(
+            f"unknown strategy {name[:64]!r}; one of {names}", field="strategy"
+        ) from None
 
 
 class LoadMessageBase(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):

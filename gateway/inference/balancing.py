@@ -28,23 +28,13 @@ from gateway.auth.principal import Principal
 from gateway.config import GatewayConfig
 from gateway.http_io import body, json_response
 from gateway.http_query import only
-from schemas.balancing import LoadInfo, Strategy
+from schemas.balancing import LoadInfo, strategy_named
 from schemas.commands import GetLoad, GetStrategy, SetStrategy
 from schemas.errors import InvalidArgument
 from schemas.replies import LoadView, StrategyView
 from schemas.subjects import WorkerKind
 
 IDEMPOTENCY_KEY = "Idempotency-Key"
-
-
-def strategy_named(name: str) -> Strategy:
-    try:
-        return Strategy(name.strip().lower())
-    except ValueError:
-        names = ", ".join(Strategy)
-        raise InvalidArgument(
-            f"unknown strategy {name!r}; one of {names}", field="strategy"
-        ) from None
 
 
 class StrategyBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

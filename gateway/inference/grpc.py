@@ -18,7 +18,12 @@ import grpc
 
 from gateway.auth.principal import Principal
 from gateway.errors import grpc_status, http_answer
-from gateway.inference.service import COST_HEADER, InferenceService, whole_body
+from gateway.inference.service import (
+    COST_HEADER,
+    InferenceService,
+    bounded_timeout,
+    whole_body,
+)
 from gateway.pb import gpuproxy_pb2 as pb
 from schemas.commands import Inference
 from schemas.errors import GpuproxyError, Internal
@@ -46,10 +51,6 @@ def command_of(
         idempotency_key=idempotency_key,
         key_field=IDEMPOTENCY_KEY,
     )
-
-
-def timeout_of(request: pb.ProxyRequestMessage, default: float) -> float:
-    return min(float(request.timeout), default) if request.timeout > 0 else default
 
 
 def _done(done: InferenceDone, request_id: str) -> pb.ProxyResponse:
@@ -149,7 +150,7 @@ class Conversation:
                 self._service,
                 command,
                 request.request_id,
-                timeout=timeout_of(request, self._timeout),
+                timeout=bounded_timeout(request.timeout, self._timeout),
             ):
                 yield message
         except GpuproxyError as exc:

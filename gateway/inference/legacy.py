@@ -61,7 +61,7 @@ from gateway.errors import http_answer, internal_answer
 from gateway.http_io import body, field_of, json_response, too_large
 from gateway.http_query import only
 from gateway.inference.http import IDEMPOTENCY_KEY, SSE_HEADERS, events
-from gateway.inference.service import COST_HEADER, InferenceService, whole_body
+from gateway.inference.service import COST_HEADER, InferenceService, bounded_timeout, whole_body
 from gateway.unexpected import logged
 from schemas.commands import Inference
 from schemas.errors import (
@@ -122,7 +122,7 @@ def routes(guard: HttpGuard, caller: CommandCaller, config: GatewayConfig) -> li
             principal.current(),
             idempotency_key=request.headers.get(IDEMPOTENCY_KEY),
         )
-        timeout = timeout_of(call, config.inference_timeout)
+        timeout = bounded_timeout(call.timeout, config.inference_timeout)
         if not command.stream:
             return _enveloped(await service.whole(command, timeout=timeout))
         first, rest = await service.stream(command, timeout=timeout)
@@ -202,10 +202,6 @@ def body_of(call: ProxyCall) -> bytes:
         raise InvalidArgument("says otherwise than the body's own `stream`", field="stream")
     decoded["stream"] = call.stream
     return msgspec.json.encode(decoded)
-
-
-def timeout_of(call: ProxyCall, default: float) -> float:
-    return min(call.timeout, default) if call.timeout > 0 else default
 
 
 def presented_by_socket(websocket: WebSocket) -> tuple[Presented, bool]:
@@ -358,7 +354,7 @@ class Conversation:
             assert admission.principal is not None
             call = _frame(raw, ProxyFrame)
             command = command_of(self._service, call, admission.principal, idempotency_key=None)
-            await self._relay(request_id, command, timeout_of(call, self._timeout))
+            await self._relay(request_id, command, bounded_timeout(call.timeout, self._timeout))
         except GpuproxyError as exc:
             await self._failed(request_id, exc)
         except Exception as exc:

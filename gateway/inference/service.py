@@ -109,6 +109,11 @@ class InferenceService:
         return first, pieces
 
 
+def bounded_timeout(asked: float, default: float) -> float:
+    """A request's own timeout in seconds, never past the gateway's; 0 or less: the default."""
+    return min(float(asked), default) if asked > 0 else default
+
+
 def whole_body(done: InferenceDone) -> bytes:
     raw = bytes(done.body)
     return b"{}" if raw == b"null" else raw

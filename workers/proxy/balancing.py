@@ -37,8 +37,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from schemas.balancing import Strategy
-from schemas.errors import InvalidArgument, Unavailable
+from schemas.balancing import Strategy, strategy_named
+from schemas.errors import Unavailable
 from workers.proxy.loadbook import LoadBook
 
 WEIGHT_RESOLUTION = 100
@@ -122,7 +122,7 @@ def choose(
 ) -> Candidate:
     """The machine to send `request` to. Raises `InvalidArgument` (field `strategy`) for a
     strategy it does not know and `Unavailable` when there is no candidate."""
-    known = _strategy(strategy)
+    known = strategy if isinstance(strategy, Strategy) else strategy_named(strategy)
     if not candidates:
         raise Unavailable("no machine can serve this request")
     ordered = sorted(candidates, key=lambda c: c.instance_id)
@@ -198,17 +198,6 @@ def rendezvous_weight(key: str, instance_id: str) -> int:
     """Highest-random-weight hashing: the candidate with the highest weight for a key wins."""
     data = key.encode("utf-8", "surrogatepass") + b"\x00" + instance_id.encode()
     return int.from_bytes(hashlib.blake2b(data, digest_size=8, person=_PERSON).digest(), "big")
-
-
-def _strategy(strategy: Strategy | str) -> Strategy:
-    try:
-        return Strategy(strategy)
-    except ValueError:
-        known = ", ".join(Strategy)
-        raise InvalidArgument(
-            f"unknown balancing strategy {str(strategy)[:64]!r}; known: {known}",
-            field="strategy",
-        ) from None
 
 
 def _least_connections(candidates: Sequence[Candidate], book: LoadBook) -> Candidate:

@@ -19,9 +19,9 @@ from bus.runtime import Context
 from bus.tasks import cancel_and_wait
 from bus.topology import declare_bucket
 from schemas import topology
-from schemas.balancing import InstanceLoad, LoadInfo, Strategy
+from schemas.balancing import InstanceLoad, LoadInfo, Strategy, strategy_named
 from schemas.commands import GetLoad, GetStrategy, SetStrategy
-from schemas.errors import InvalidArgument, NotFound, PermissionDenied
+from schemas.errors import NotFound, PermissionDenied
 from schemas.replies import LoadView, StrategyView
 from workers.proxy.directory import Directory
 from workers.proxy.routing import Balancer
@@ -31,16 +31,6 @@ DEFAULT_KEY = "default"
 
 def _user_key(user_id: str) -> str:
     return f"user.{user_id}"
-
-
-def strategy_named(name: str) -> Strategy:
-    try:
-        return Strategy(name)
-    except ValueError:
-        names = ", ".join(Strategy)
-        raise InvalidArgument(
-            f"unknown strategy {name!r}; one of {names}", field="strategy"
-        ) from None
 
 
 class Strategies:
