@@ -160,3 +160,17 @@ async def test_a_machine_that_keeps_failing_is_taken_out_and_the_change_is_an_ev
 async def circuit_events(nc: Client) -> list[InstanceCircuitChanged]:
     await asyncio.sleep(1.5)  # the replicas' next tick publishes the change
     return await events_of(nc, "instance", "circuit_changed", InstanceCircuitChanged)
+
+
+async def test_requests_a_machine_refuses_as_malformed_do_not_count_against_it(
+    proxied: System, nc: Client, tmp_path: Path
+) -> None:
+    with sim_machine(tmp_path) as machine:
+        await register(nc, machine, owner=proxied.admin_id)
+        async with sdk(proxied) as client:
+            await served(client, DEFAULT_MODEL)
+            for _ in range(6):  # the machine answers 400: no messages
+                with pytest.raises(openai.BadRequestError):
+                    await client.chat.completions.create(model=DEFAULT_MODEL, messages=[])
+        changes = await circuit_events(nc)
+    assert changes == []  # six of the client's mistakes open nothing

@@ -123,6 +123,7 @@ class InferenceHandler:
         """The machine answering, once one took the request."""
         trying: Route | None = None
         """The machine being asked, between its `routed` and its `finished`."""
+        answered = False
         timing = Timing(time.monotonic())
         try:
             ranked = self._warm_first(self._balancer.rank(routes, command, blocks, strategy))
@@ -151,6 +152,9 @@ class InferenceHandler:
                 if response.status == 200:
                     meter.feed_body(_decoded(whole))
                     outcome = "completed"
+                # The machine answered: a refusal of the request (4xx) is the request's
+                # fault, not the machine's, and must not count toward its breaker.
+                answered = True
                 return self._done(route, model, meter, price, status=response.status, body=whole)
             raise Unavailable(f"no machine serving {model} could take the request")
         except asyncio.CancelledError:
@@ -158,7 +162,7 @@ class InferenceHandler:
             raise
         finally:
             if trying is not None:
-                await self._finished(trying, command, timing, ok=outcome != "failed")
+                await self._finished(trying, command, timing, ok=answered or outcome != "failed")
             # Recorded once the client has its answer, before the command is acked.
             ctx.after(self._record(command, route, model, meter, price, outcome))
 
