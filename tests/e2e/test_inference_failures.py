@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -28,6 +29,7 @@ from tests.e2e.machines import (
     usage_events,
 )
 from tests.e2e.system import System, running_system
+from tests.providers.test_sim_upstream import Server
 from workers.proxy.usage import estimate_tokens
 
 PROMPT = [{"role": "user", "content": "tell me about rivers"}]
@@ -37,6 +39,28 @@ PROMPT = [{"role": "user", "content": "tell me about rivers"}]
 async def proxied(nats_url: str, migrated_database: str) -> AsyncIterator[System]:
     async with running_system(nats_url, migrated_database, kinds=(WorkerKind.PROXY,)) as system:
         yield system
+
+
+@asynccontextmanager
+async def beside_a_healthy_one(
+    proxied: System, nc: Client, tmp_path: Path, mode: str
+) -> AsyncIterator[tuple[Server, str, openai.AsyncOpenAI]]:
+    """A machine failing in `mode` and a healthy one, both serving; the failing one, its
+    instance id, and an SDK client."""
+    with (
+        sim_machine(tmp_path, "--fail", mode) as failing,
+        sim_machine(tmp_path) as healthy,
+    ):
+        failing_id = await register(nc, failing, owner=proxied.admin_id)
+        await register(nc, healthy, owner=proxied.admin_id)
+        async with sdk(proxied) as client:
+            await served(client, DEFAULT_MODEL, count=2)
+            yield failing, failing_id, client
+
+
+async def requests_seen(machine: Server) -> int:
+    async with httpx.AsyncClient(timeout=5) as http:
+        return int((await http.get(f"{machine.url}/sim/stats")).json()["requests"])
 
 
 @pytest.mark.parametrize("mode", ["cut", "die"])
@@ -71,15 +95,8 @@ async def test_a_machine_failing_mid_stream_ends_in_an_error_event_and_bills_wha
 async def test_a_machine_that_refuses_is_passed_over_before_anything_is_sent(
     proxied: System, nc: Client, tmp_path: Path
 ) -> None:
-    with (
-        sim_machine(tmp_path, "--fail", "refuse") as refusing,
-        sim_machine(tmp_path) as healthy,
-    ):
-        await register(nc, refusing, owner=proxied.admin_id)
-        await register(nc, healthy, owner=proxied.admin_id)
-        async with sdk(proxied) as client:
-            await served(client, DEFAULT_MODEL, count=2)
-            answers = await ask_repeatedly(client, 4)
+    async with beside_a_healthy_one(proxied, nc, tmp_path, "refuse") as (_, _, client):
+        answers = await ask_repeatedly(client, 4)
     assert all(a.choices[0].message.content for a in answers)
 
 
@@ -123,17 +140,9 @@ async def test_a_client_that_leaves_closes_the_machines_connection_at_once(
 async def test_a_machine_that_says_too_many_requests_is_left_alone_as_long_as_it_asked(
     proxied: System, nc: Client, tmp_path: Path
 ) -> None:
-    with (
-        sim_machine(tmp_path, "--fail", "throttle") as throttled,
-        sim_machine(tmp_path) as healthy,
-    ):
-        await register(nc, throttled, owner=proxied.admin_id)
-        await register(nc, healthy, owner=proxied.admin_id)
-        async with sdk(proxied) as client:
-            await served(client, DEFAULT_MODEL, count=2)
-            answers = await ask_repeatedly(client, 6)
-        async with httpx.AsyncClient(timeout=5) as http:
-            asked = (await http.get(f"{throttled.url}/sim/stats")).json()["requests"]
+    async with beside_a_healthy_one(proxied, nc, tmp_path, "throttle") as (throttled, _, client):
+        answers = await ask_repeatedly(client, 6)
+        asked = await requests_seen(throttled)
     assert all(a.choices[0].message.content for a in answers)
     assert asked == 1  # it said Retry-After: 30; round robin alone would have asked it thrice
 
@@ -141,17 +150,13 @@ async def test_a_machine_that_says_too_many_requests_is_left_alone_as_long_as_it
 async def test_a_machine_that_keeps_failing_is_taken_out_and_the_change_is_an_event(
     proxied: System, nc: Client, tmp_path: Path
 ) -> None:
-    with (
-        sim_machine(tmp_path, "--fail", "refuse") as failing,
-        sim_machine(tmp_path) as healthy,
+    async with beside_a_healthy_one(proxied, nc, tmp_path, "refuse") as (
+        failing,
+        failing_id,
+        client,
     ):
-        failing_id = await register(nc, failing, owner=proxied.admin_id)
-        await register(nc, healthy, owner=proxied.admin_id)
-        async with sdk(proxied) as client:
-            await served(client, DEFAULT_MODEL, count=2)
-            await ask_repeatedly(client, 14)
-        async with httpx.AsyncClient(timeout=5) as http:
-            asked = (await http.get(f"{failing.url}/sim/stats")).json()["requests"]
+        await ask_repeatedly(client, 14)
+        asked = await requests_seen(failing)
         changes = await circuit_events(nc)
     assert asked == 5  # five failures in a row open its breaker: no sixth request
     assert [(c.instance_id, c.state) for c in changes] == [(failing_id, "open")]
