@@ -50,6 +50,12 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
     shared_with: frozenset[str] = frozenset()
     """Roles or account ids a shared machine serves; empty: every account."""
 
+    @property
+    def trusted_loopback(self) -> bool:
+        """The `sim` provider's machines are local processes: it vouches for their loopback
+        address (and nothing else)."""
+        return self.provider == "sim"
+
     def reachable_by(self, actor: str, admin: bool, role: str = "") -> bool:
         if admin or (self.owner and self.owner == actor):
             return True

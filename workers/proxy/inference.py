@@ -218,7 +218,7 @@ class InferenceHandler:
                 headers={"content-type": "application/json", **self._keys.headers(route)},
                 body=payload,
                 timeout=self._timeout,
-                trusted_loopback=route.provider == "sim",
+                trusted_loopback=route.trusted_loopback,
             )
         except Exception as exc:
             # Unreachable, silent, or at an address we refuse: the next machine may serve.

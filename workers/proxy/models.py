@@ -57,7 +57,7 @@ class ModelsAsker:
             headers=self._keys.headers(route),
             body=b"",
             timeout=self._timeout,
-            trusted_loopback=route.provider == "sim",
+            trusted_loopback=route.trusted_loopback,
         )
         try:
             raw = await response.read()
